@@ -1,0 +1,3 @@
+"""psm-train: training Prefix-Scannable Models and attention baselines."""
+
+__version__ = "0.1.0"

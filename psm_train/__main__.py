@@ -1,0 +1,3 @@
+from psm_train.cli import main
+
+main()

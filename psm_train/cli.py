@@ -1,0 +1,121 @@
+"""The ``psm-train`` command: train, eval, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from psm_train.config import ConfigError, load_config
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from psm_train.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    train(cfg)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from psm_train.data import build_source
+    from psm_train.train.checkpoint import load_checkpoint
+    from psm_train.train.evaluate import evaluate
+    from psm_train.train.loop import autocast_for, resolve_device
+
+    model, cfg, payload = load_checkpoint(args.checkpoint, args.overrides)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    source = build_source(cfg.data.name, cfg.data.config, cfg.train.seed)
+    results = evaluate(model, source.eval_sets(cfg.train.eval_batches, cfg.train.eval_batch_size), device,
+                       autocast_for(cfg.train.precision, device))
+    print(f"{cfg.name}: {cfg.model.name} after {payload['step']} steps, task {cfg.data.name}")
+    print(f"{'length':>8} {'loss':>9} {'accuracy':>9} {'scored':>8}")
+    for seq_len, r in results.items():
+        print(f"{seq_len:>8} {r['loss']:>9.4f} {r['acc']:>9.4f} {r['scored']:>8}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from psm_train.data import build_source
+    from psm_train.train.checkpoint import load_checkpoint
+    from psm_train.data.source import derived_seed
+
+    model, cfg, _ = load_checkpoint(args.checkpoint, args.overrides)
+    if args.prompt:
+        try:
+            prompt = [int(tok) for tok in args.prompt.split(",")]
+        except ValueError:
+            raise SystemExit(f"--prompt: expected comma-separated token ids, got {args.prompt!r}") from None
+    else:
+        # A held-out example of the training task, cut before its first scored position.
+        source = build_source(cfg.data.name, cfg.data.config, cfg.train.seed)
+        task = source.task
+        inputs, targets = task.make_batch(1, task.eval_seq_lens()[0], torch.Generator().manual_seed(derived_seed(args.seed, "prompt")))
+        first_scored = int((targets[0] >= 0).nonzero()[0])
+        prompt = inputs[0, : first_scored + 1].tolist()
+        print(f"expected next token (from the task): {int(targets[0, first_scored])}")
+    bad = [t for t in prompt if not 0 <= t < model.head.out_features]
+    if bad:
+        raise SystemExit(f"--prompt: token ids {bad} are outside the vocabulary [0, {model.head.out_features})")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    state = model.init_generation(1)
+    with torch.no_grad():
+        for tok in prompt:
+            logits = state.step(torch.tensor([tok]))
+        out = []
+        for _ in range(args.max_new_tokens):
+            if args.temperature <= 0:
+                nxt = int(logits[0].argmax())
+            else:
+                probs = torch.softmax(logits[0].float() / args.temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=generator))
+            out.append(nxt)
+            logits = state.step(torch.tensor([nxt]))
+    print(f"prompt ({len(prompt)} tokens): {' '.join(map(str, prompt))}")
+    print(f"continuation ({len(out)} tokens): {' '.join(map(str, out))}")
+    summary = state.describe()
+    print("state: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psm-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--run-dir", help="where config.yaml, metrics.jsonl and checkpoints go (default runs/<name>)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its task's held-out sets (every eval length)")
+    p.add_argument("checkpoint", help="a .pt file or a run directory")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt token by token with the online state")
+    p.add_argument("checkpoint", help="a .pt file or a run directory")
+    p.add_argument("--prompt", help="comma-separated token ids (default: a held-out example of the task)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    _add_overrides(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,246 @@
+"""Typed run configuration: YAML file + ``--set key=value`` overrides -> validated dataclasses.
+
+Sections that choose an implementation (``model.name``, ``data.task``) are typed by the chosen
+component's own config dataclass. Every error names the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the source and the field."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: evaluate only at the end
+    eval_batches: int = 4
+    eval_batch_size: int = 64
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_batches", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip: expected numbers >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision: expected one of auto, fp32, bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: expected one of auto, cpu, cuda, got {self.device!r}")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "psm-train"
+    entity: str | None = None
+    name: str | None = None  # default: the run name
+
+
+@dataclass
+class Choice:
+    """A config section that selects a component by name and holds that component's typed config."""
+
+    name: str
+    config: Any
+
+
+@dataclass
+class RunConfig:
+    name: str
+    model: Choice
+    data: Choice
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str = ""  # default: runs/<name>
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_dir": self.run_dir,
+            "model": {"name": self.model.name, **dataclasses.asdict(self.model.config)},
+            "data": {"task": self.data.name, **dataclasses.asdict(self.data.config)},
+            "train": dataclasses.asdict(self.train),
+            "wandb": dataclasses.asdict(self.wandb),
+        }
+
+
+def _registries() -> tuple[dict[str, type], dict[str, type]]:
+    from psm_train.data import TASK_CONFIGS
+    from psm_train.models import MODEL_CONFIGS
+
+    return MODEL_CONFIGS, TASK_CONFIGS
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 3e-4 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {tp} at {where}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required field missing")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
+    return obj
+
+
+def _build_choice(data: Any, key: str, registry: dict[str, type], where: str) -> Choice:
+    if not isinstance(data, dict) or key not in data:
+        raise ConfigError(f"{where}.{key}: required (one of {', '.join(sorted(registry))})")
+    data = dict(data)
+    name = data.pop(key)
+    if name not in registry:
+        raise ConfigError(f"{where}.{key}: unknown {where} {name!r} (known: {', '.join(sorted(registry))})")
+    return Choice(name, build_dataclass(registry[name], data, where))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
+    """Typed, validated RunConfig from a plain dict; ``source`` prefixes every error message."""
+    models, tasks = _registries()
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"top level: expected a mapping, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+        cfg = RunConfig(
+            name=_coerce(raw.get("name", Path(source).stem), str, "name"),
+            model=_build_choice(raw.get("model"), "name", models, "model"),
+            data=_build_choice(raw.get("data"), "task", tasks, "data"),
+            train=build_dataclass(TrainConfig, raw.get("train", {}), "train"),
+            wandb=build_dataclass(WandbConfig, raw.get("wandb", {}), "wandb"),
+            run_dir=_coerce(raw.get("run_dir", ""), str, "run_dir"),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / cfg.name)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        raw = apply_overrides(raw, list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return config_from_dict(raw, str(path))

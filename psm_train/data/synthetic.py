@@ -1,0 +1,184 @@
+"""Synthetic tasks: multi-query associative recall (MQAR) and S5 state tracking.
+
+Every batch is drawn from the caller's ``torch.Generator`` only, so it is a pure function of that
+generator's seed and state: no global RNG, no numpy randomness.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _check_lens(name: str, lens: list[int], minimum: int) -> None:
+    """Raise ValueError unless every entry of ``lens`` is an int >= ``minimum``."""
+    bad = [n for n in lens if not isinstance(n, int) or n < minimum]
+    if bad:
+        raise ValueError(f"{name}: expected integers >= {minimum}, got {bad}")
+
+
+def _unique(lens: list[int]) -> list[int]:
+    """``lens`` without duplicates, first occurrence kept."""
+    return list(dict.fromkeys(lens))
+
+
+@dataclass
+class MQARConfig:
+    """Zoology-style multi-query associative recall."""
+
+    vocab_size: int = 8192
+    num_kv_pairs: int = 8
+    seq_len: int = 256  # training length
+    power_a: float = 0.01  # query gap k drawn with p(k) ∝ a·k^(a-1); a = 1.0 is uniform placement
+    eval_seq_lens: list[int] = field(default_factory=list)  # extra lengths, same num_kv_pairs
+
+    def validate(self) -> None:
+        """Raise ValueError("<field>: ...") on an inconsistent configuration."""
+        if self.num_kv_pairs < 1:
+            raise ValueError(f"num_kv_pairs: expected >= 1, got {self.num_kv_pairs}")
+        # Keys come from [1, vocab_size // 2) and must be distinct within an example.
+        min_vocab = 2 * (self.num_kv_pairs + 1)
+        if self.vocab_size < min_vocab:
+            raise ValueError(
+                f"vocab_size: expected >= {min_vocab} for {self.num_kv_pairs} distinct keys, got {self.vocab_size}"
+            )
+        # 2D context tokens plus at least D two-token query slots.
+        min_len = 4 * self.num_kv_pairs
+        if self.seq_len < min_len:
+            raise ValueError(f"seq_len: expected >= 4 * num_kv_pairs = {min_len}, got {self.seq_len}")
+        if not self.power_a > 0:
+            raise ValueError(f"power_a: expected > 0, got {self.power_a}")
+        _check_lens("eval_seq_lens", self.eval_seq_lens, min_len)
+
+
+@dataclass
+class S5Config:
+    """S5 state tracking: the word problem of the symmetric group on 5 elements."""
+
+    min_len: int = 2
+    max_len: int = 18  # longest training length
+    curriculum_steps: int = 0  # 0: uniform in [min_len, max_len]; > 0: upper bound grows linearly
+    eval_seq_lens: list[int] = field(default_factory=lambda: [18, 36, 72, 180])
+
+    def validate(self) -> None:
+        """Raise ValueError("<field>: ...") on an inconsistent configuration."""
+        if self.min_len < 1:
+            raise ValueError(f"min_len: expected >= 1, got {self.min_len}")
+        if self.max_len < self.min_len:
+            raise ValueError(f"max_len: expected >= min_len = {self.min_len}, got {self.max_len}")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"curriculum_steps: expected >= 0, got {self.curriculum_steps}")
+        _check_lens("eval_seq_lens", self.eval_seq_lens, 1)
+
+
+class MQAR:
+    """Multi-query associative recall batches; token 0 is filler."""
+
+    def __init__(self, cfg: MQARConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+
+    def train_seq_len(self, step: int) -> int:
+        """Training length at ``step``: always cfg.seq_len."""
+        return self.cfg.seq_len
+
+    def eval_seq_lens(self) -> list[int]:
+        """[cfg.seq_len] + cfg.eval_seq_lens without duplicates, in order."""
+        return _unique([self.cfg.seq_len, *self.cfg.eval_seq_lens])
+
+    def make_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Draw (inputs [B, T], targets [B, T]), both int64, with B = batch_size and T = seq_len.
+
+        An example of length T + 1 is ``k1 v1 … kD vD`` followed by filler holding the D queries
+        ``k_i v_i`` in power-law-placed two-token slots; inputs = example[:-1]. targets[t] is
+        IGNORE_INDEX except where inputs[t] is a query key, where it is that key's value.
+        """
+        d, vocab = self.cfg.num_kv_pairs, self.cfg.vocab_size
+        if seq_len < 4 * d:
+            raise ValueError(f"seq_len: expected >= 4 * num_kv_pairs = {4 * d}, got {seq_len}")
+        half = vocab // 2
+
+        # Distinct keys per example: the top-d of i.i.d. uniforms is a uniform d-subset.
+        keys = torch.rand(batch_size, half - 1, generator=generator).topk(d, dim=1).indices + 1
+        values = torch.randint(half, vocab, (batch_size, d), generator=generator)
+
+        space = (seq_len + 1 - 2 * d) // 2
+        k = torch.arange(1, space + 1, dtype=torch.float64)
+        probs = (self.cfg.power_a * k ** (self.cfg.power_a - 1)).expand(batch_size, space)
+        slots = torch.multinomial(probs, d, replacement=False, generator=generator)
+        # multinomial tends to return likelier (earlier) slots first; shuffle so the query
+        # order does not follow the context order.
+        order = torch.rand(batch_size, d, generator=generator).argsort(dim=1)
+        query_pos = 2 * d + 2 * slots.gather(1, order)
+
+        example = torch.zeros(batch_size, seq_len + 1, dtype=torch.int64)
+        example[:, 0 : 2 * d : 2] = keys
+        example[:, 1 : 2 * d : 2] = values
+        example.scatter_(1, query_pos, keys)
+        example.scatter_(1, query_pos + 1, values)
+
+        # The target at a query key's position is the next token of the example: its value.
+        targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.int64)
+        targets.scatter_(1, query_pos, values)
+        return example[:, :-1], targets
+
+
+def permutation_table() -> tuple[list[tuple[int, ...]], Tensor]:
+    """The 120 elements of S5 in itertools.permutations(range(5)) order, and their composition table.
+
+    Returns (perms, table) with table [120, 120] int64, table[p, s] = id of perms[p] ∘ perms[s],
+    where (π ∘ σ)(i) = π(σ(i)). Id 0 is the identity.
+    """
+    perms = list(itertools.permutations(range(5)))
+    index = {p: i for i, p in enumerate(perms)}
+    table = [[index[tuple(p[s[i]] for i in range(5))] for s in perms] for p in perms]
+    return perms, torch.tensor(table, dtype=torch.int64)
+
+
+class S5:
+    """S5 word-problem batches: tokens are permutations, targets the running product."""
+
+    def __init__(self, cfg: S5Config):
+        cfg.validate()
+        self.cfg = cfg
+        self.perms, self.table = permutation_table()
+        self.vocab_size = len(self.perms)
+
+    def train_seq_len(self, step: int) -> int:
+        """Training length at ``step``, uniform in [min_len, bound(step)].
+
+        bound grows linearly from min_len to max_len over cfg.curriculum_steps (max_len at once if 0).
+        The draw uses a generator seeded with ``step`` so that every rank and every restart agree.
+        """
+        if step < 0:
+            raise ValueError(f"step: expected >= 0, got {step}")
+        lo, hi, ramp = self.cfg.min_len, self.cfg.max_len, self.cfg.curriculum_steps
+        bound = hi if ramp == 0 else lo + (hi - lo) * min(step, ramp) // ramp
+        generator = torch.Generator().manual_seed(step)
+        return int(torch.randint(lo, bound + 1, (), generator=generator))
+
+    def eval_seq_lens(self) -> list[int]:
+        """[cfg.max_len] + cfg.eval_seq_lens without duplicates, in order."""
+        return _unique([self.cfg.max_len, *self.cfg.eval_seq_lens])
+
+    def make_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Draw (inputs [B, T], targets [B, T]), both int64 ids in [0, 120); B = batch_size, T = seq_len.
+
+        inputs are uniform group elements π_t; targets[t] is σ_t = π_t ∘ σ_{t-1}, σ_{-1} = identity.
+        Every position is scored.
+        """
+        if seq_len < 1:
+            raise ValueError(f"seq_len: expected >= 1, got {seq_len}")
+        inputs = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator)
+        targets = torch.empty_like(inputs)
+        state = torch.zeros(batch_size, dtype=torch.int64)  # id 0 is the identity
+        for t in range(seq_len):
+            state = self.table[inputs[:, t], state]
+            targets[:, t] = state
+        return inputs, targets

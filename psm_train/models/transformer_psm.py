@@ -1,0 +1,157 @@
+"""Transformer-PSM (PSM.md section 4): Enc = token embedding, Agg and Inf = transformer blocks.
+
+The sequence is cut into chunks of c tokens. Agg(older, newer) runs bidirectional blocks over the
+2c vectors [older ; newer] and keeps the last c. The exclusive prefix s_{i-1} of chunk i comes from
+the fixed Blelloch tree (`psm_train.scan`). Inf runs causal blocks over [s_{i-1} ; chunk i] and
+predicts every token of the chunk; chunk 0 has no prefix and Inf sees the chunk alone.
+
+Positions are rotary and local to the 2c-token windows: prefix slots 0..c-1, chunk tokens c..2c-1,
+in training and generation alike, so nothing depends on the absolute chunk index and any length
+can be evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psm_train.models.base import CausalLM, tensor_nbytes
+from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
+from psm_train.scan import OnlineScan, prefix_scan
+
+
+@dataclass
+class TransformerPSMConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    chunk_size: int = 64
+    agg_layers: int = 1
+    inf_layers: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_heads", "chunk_size", "agg_layers", "inf_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"n_heads: d_model / n_heads must be an even integer, got {self.d_model} / {self.n_heads}")
+
+
+class TransformerPSM(CausalLM):
+    def __init__(self, cfg: TransformerPSMConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+
+        def blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base) for _ in range(n))
+
+        self.agg_blocks = blocks(cfg.agg_layers)
+        self.inf_blocks = blocks(cfg.inf_layers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        init_weights(self, cfg.agg_layers + cfg.inf_layers)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def window_positions(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(2 * self.cfg.chunk_size, device=device)
+
+    def aggregate(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        """Agg: [N, c, d] x [N, c, d] -> [N, c, d], the right half of bidirectional blocks."""
+        z = torch.cat((older, newer), dim=1)
+        positions = self.window_positions(z.device)
+        for block in self.agg_blocks:
+            z = block(z, positions, causal=False)
+        return z[:, self.cfg.chunk_size :]
+
+    def infer(self, prefix: torch.Tensor | None, chunk: torch.Tensor) -> torch.Tensor:
+        """Inf: hidden states [N, c', d] of the chunk's tokens given the prefix state [N, c, d] or None."""
+        c = self.cfg.chunk_size
+        positions = self.window_positions(chunk.device)
+        if prefix is None:
+            z, positions = chunk, positions[c : c + chunk.shape[1]]
+        else:
+            z, positions = torch.cat((prefix, chunk), dim=1), positions[: c + chunk.shape[1]]
+        for block in self.inf_blocks:
+            z = block(z, positions, causal=True)
+        return z[:, z.shape[1] - chunk.shape[1] :]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V], T of any length (the last chunk is padded at the end)."""
+        b, t = tokens.shape
+        c, d = self.cfg.chunk_size, self.cfg.d_model
+        n = -(-t // c)
+        # Padding comes after every real token: causal Inf never sees it, and the last chunk's
+        # state feeds no real prefix.
+        x = F.pad(self.embed(tokens), (0, 0, 0, n * c - t)).view(b, n, c, d)
+        hidden = [self.infer(None, x[:, 0])]
+        if n > 1:
+            # P_0 is the identity (chunk 0 was handled above); the last chunk's own state
+            # enters no real prefix.
+            prefixes, _ = prefix_scan(x, self.aggregate)
+            rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
+            hidden.append(rest.reshape(b, (n - 1) * c, d))
+        h = torch.cat(hidden, dim=1)[:, :t]
+        return self.head(self.norm(h))
+
+    def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
+        return TransformerPSMGenerationState(self)
+
+
+class TransformerPSMGenerationState:
+    """Binary counter over finished chunks plus an Inf KV cache over at most 2c positions."""
+
+    def __init__(self, model: TransformerPSM):
+        self.model = model
+        self.scan = OnlineScan(model.aggregate)
+        self.chunk: list[torch.Tensor] = []  # embeddings [B, 1, d] of the current chunk's tokens
+        self.caches: list[KVCache] = []
+        self.tokens = 0
+
+    def _start_chunk(self) -> None:
+        """Fresh Inf caches, filled with the prefix state of the chunk about to start."""
+        m = self.model
+        self.caches = [KVCache() for _ in m.inf_blocks]
+        prefix = self.scan.prefix()
+        if prefix is None:
+            return
+        z = prefix
+        positions = m.window_positions(prefix.device)[: m.cfg.chunk_size]
+        for block, cache in zip(m.inf_blocks, self.caches):
+            z = block(z, positions, causal=True, cache=cache)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        c = m.cfg.chunk_size
+        if not self.chunk:
+            self._start_chunk()
+        x = m.embed(tokens)[:, None]
+        positions = m.window_positions(tokens.device)[c + len(self.chunk) :][:1]
+        h = x
+        for block, cache in zip(m.inf_blocks, self.caches):
+            h = block(h, positions, causal=True, cache=cache)
+        self.chunk.append(x)
+        self.tokens += 1
+        if len(self.chunk) == c:
+            self.scan.push(torch.cat(self.chunk, dim=1))
+            self.chunk = []
+        return m.head(m.norm(h[:, 0]))
+
+    def nbytes(self) -> int:
+        return self.scan.nbytes() + sum(c.nbytes() for c in self.caches) + tensor_nbytes(*self.chunk)
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "tokens": self.tokens,
+            "chunks": self.scan.chunks,
+            "roots": self.scan.num_roots,
+            "agg_calls": self.scan.agg_calls,
+            "state_bytes": self.nbytes(),
+        }

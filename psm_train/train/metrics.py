@@ -1,0 +1,72 @@
+"""Where training metrics go: metrics.jsonl (one JSON object per logged step), the console, wandb."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, wandb_run: Any = None, stream=sys.stdout):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.wandb_run = wandb_run
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (must contain "step") to metrics.jsonl and wandb; flushed at once."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def show(self, text: str, final: bool = False) -> None:
+        """A progress line: rewritten in place on a terminal, one line per call otherwise."""
+        if self.live and not final:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(cfg, run_dir: Path):
+    """A wandb run when enabled; WANDB_MODE=offline works without a login."""
+    if not cfg.wandb.enabled:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("wandb.enabled is true but wandb is not installed: pip install 'psm-train[wandb]'") from None
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        name=cfg.wandb.name or cfg.name,
+        dir=str(run_dir),
+        config=cfg.to_dict(),
+    )
+
+
+class Throughput:
+    """Tokens per second since the last call."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate

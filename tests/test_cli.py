@@ -1,0 +1,83 @@
+"""End to end through the installed ``psm-train`` command: train, eval, generate, bad input."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+TINY = [
+    "--set", "train.steps=12", "--set", "train.batch_size=8", "--set", "train.eval_every=6",
+    "--set", "train.log_every=4", "--set", "train.eval_batches=1", "--set", "train.eval_batch_size=8",
+    "--set", "model.d_model=32", "--set", "model.inf_layers=1",
+]
+
+
+def psm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    exe = shutil.which("psm-train")
+    assert exe, "the psm-train command is not installed (pip install -e .)"
+    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        pytest.fail(f"psm-train {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "quick"
+    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY)
+    assert "step 12/12" in out.stdout
+    return run_dir
+
+
+def test_train_writes_run_directory(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6, 8, 12]
+    for r in records:
+        if "loss" in r:
+            assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
+    assert {"eval/len64/acc", "eval/len128/acc", "eval/len64/loss"} <= set(records[-1])
+    assert "d_model: 32" in (trained / "config.yaml").read_text()
+    assert (trained / "final.pt").is_file()
+    evals = json.loads((trained / "eval.json").read_text())
+    assert len(evals["64"]["acc_by_position"]) == 64
+
+
+def test_refuses_to_overwrite_a_finished_run(trained):
+    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(trained), *TINY, check=False)
+    assert out.returncode != 0 and "already holds a finished run" in out.stderr
+
+
+def test_eval_prints_a_table_per_length(trained):
+    out = psm_train("eval", str(trained), "--set", "data.eval_seq_lens=[96]")
+    lines = out.stdout.splitlines()
+    assert lines[1].split() == ["length", "loss", "accuracy", "scored"]
+    assert [line.split()[0] for line in lines[2:]] == ["64", "96"]
+
+
+def test_generate_prints_continuation_and_state(trained):
+    out = psm_train("generate", str(trained / "final.pt"), "--max-new-tokens", "5")
+    assert "continuation (5 tokens):" in out.stdout
+    assert "roots=" in out.stdout and "state_bytes=" in out.stdout
+    out = psm_train("generate", str(trained), "--prompt", "1,2,3", "--max-new-tokens", "2", "--temperature", "1.0")
+    assert "prompt (3 tokens): 1 2 3" in out.stdout
+    bad = psm_train("generate", str(trained), "--prompt", "1,999", check=False)
+    assert bad.returncode != 0 and "outside the vocabulary" in bad.stderr
+
+
+def test_bad_override_stops_before_training(tmp_path):
+    run_dir = tmp_path / "never"
+    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), "--set", "train.lr=-1", check=False)
+    assert out.returncode == 2
+    assert "configs/quickstart.yaml: train.lr: expected a positive number" in out.stderr
+    assert not run_dir.exists()
+
+
+def test_wandb_offline_needs_no_login(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "wb"
+    psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY, "--set", "wandb.enabled=true")
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert any(offline_runs[0].glob("*.wandb"))
