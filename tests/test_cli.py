@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +82,9 @@ def test_wandb_offline_needs_no_login(tmp_path, monkeypatch):
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert any(offline_runs[0].glob("*.wandb"))
+
+
+def test_plot_metrics_writes_png(trained, tmp_path):
+    out = tmp_path / "curves.png"
+    subprocess.run([sys.executable, "tools/plot_metrics.py", str(trained), "--out", str(out)], check=True, timeout=120)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
