@@ -11,6 +11,7 @@ TINY = [
     "--set", "train.steps=12", "--set", "train.batch_size=8", "--set", "train.eval_every=6",
     "--set", "train.log_every=4", "--set", "train.eval_batches=1", "--set", "train.eval_batch_size=8",
     "--set", "model.d_model=32", "--set", "model.inf_layers=1",
+    "--set", "data.seq_len=32", "--set", "data.eval_seq_lens=[64]",
 ]
 
 
@@ -37,11 +38,11 @@ def test_train_writes_run_directory(trained):
     for r in records:
         if "loss" in r:
             assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
-    assert {"eval/len64/acc", "eval/len128/acc", "eval/len64/loss"} <= set(records[-1])
+    assert {"eval/len32/acc", "eval/len64/acc", "eval/len32/loss"} <= set(records[-1])
     assert "d_model: 32" in (trained / "config.yaml").read_text()
     assert (trained / "final.pt").is_file()
     evals = json.loads((trained / "eval.json").read_text())
-    assert len(evals["64"]["acc_by_position"]) == 64
+    assert len(evals["32"]["acc_by_position"]) == 32
 
 
 def test_refuses_to_overwrite_a_finished_run(trained):
@@ -53,7 +54,7 @@ def test_eval_prints_a_table_per_length(trained):
     out = psm_train("eval", str(trained), "--set", "data.eval_seq_lens=[96]")
     lines = out.stdout.splitlines()
     assert lines[1].split() == ["length", "loss", "accuracy", "scored"]
-    assert [line.split()[0] for line in lines[2:]] == ["64", "96"]
+    assert [line.split()[0] for line in lines[2:]] == ["32", "96"]
 
 
 def test_generate_prints_continuation_and_state(trained):
