@@ -93,7 +93,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         throughput.add(inputs.numel())
 
         done = step + 1
-        record = None
+        record, evaluated = None, False
         if done % t.log_every == 0 or done == t.steps:
             record = {
                 "step": done,
@@ -104,7 +104,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 "elapsed_s": time.perf_counter() - started,
             }
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            final_eval = evaluate(model, eval_sets, device, autocast)
+            final_eval, evaluated = evaluate(model, eval_sets, device, autocast), True
             record = {**(record or {"step": done}), **eval_summary(final_eval)}
             throughput.rate()  # evaluation time is not training throughput
         if record is not None:
@@ -112,8 +112,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
             line = f"step {done}/{t.steps} loss {loss.item():.4f} lr {lr:.2e}"
             if "tokens_per_s" in record:
                 line += f" {record['tokens_per_s']:.0f} tok/s"
-            accs = [f"acc@{k}={v['acc']:.3f}" for k, v in final_eval.items()] if "eval/" in " ".join(record) else []
-            logger.show(" ".join([line, *accs]), final=bool(accs))
+            accs = [f"acc@{k}={v['acc']:.3f}" for k, v in final_eval.items()] if evaluated else []
+            logger.show(" ".join([line, *accs]), final=evaluated)
 
     save_checkpoint(run_dir / "final.pt", model, cfg, t.steps)
     (run_dir / "eval.json").write_text(json.dumps({str(k): v for k, v in final_eval.items()}, indent=1))
