@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -84,8 +85,6 @@ def train(cfg: RunConfig) -> dict[str, float]:
             group["lr"] = lr
         with autocast:
             loss = masked_loss(model(inputs), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower train.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -95,9 +94,13 @@ def train(cfg: RunConfig) -> dict[str, float]:
         done = step + 1
         record, evaluated = None, False
         if done % t.log_every == 0 or done == t.steps:
+            # Checked only when logging: a per-step check would sync the GPU every step.
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"step {done}: loss is {loss_value}; lower train.lr or check the data")
             record = {
                 "step": done,
-                "loss": loss.item(),
+                "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": throughput.rate(),
