@@ -1,15 +1,15 @@
 """Data sources: synthetic tasks (MQAR, S5), selected by ``data.task`` in the config."""
 
-from psm_train.data.source import SyntheticSource
+from psm_train.data.source import DataSource, SyntheticSource
 from psm_train.data.synthetic import MQAR, S5, MQARConfig, S5Config
 
 TASKS = {"mqar": (MQARConfig, MQAR), "s5": (S5Config, S5)}
 TASK_CONFIGS = {name: cfg for name, (cfg, _) in TASKS.items()}
 
 
-def build_source(task_name: str, task_config, seed: int) -> SyntheticSource:
+def build_source(task_name: str, task_config, seed: int) -> DataSource:
     _, task_cls = TASKS[task_name]
     return SyntheticSource(task_cls(task_config), seed)
 
 
-__all__ = ["TASKS", "TASK_CONFIGS", "SyntheticSource", "build_source"]
+__all__ = ["TASKS", "TASK_CONFIGS", "DataSource", "SyntheticSource", "build_source"]

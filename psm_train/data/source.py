@@ -1,14 +1,37 @@
-"""Training and evaluation batches from a synthetic task, as a pure function of (seed, step).
+"""The data-source interface of the trainer, and the synthetic-task source.
 
-Because batch k depends only on (seed, k), resuming at step k needs no loader state at all.
+A source yields, for each training step, this data-parallel rank's rows of the step's global
+batch. Every rank of one sequence-parallel group has the same dp_rank and so receives the same
+sequences; the trainer cuts its slice. Resuming at step k must yield exactly what an
+uninterrupted run yields from step k on, for any dp_size.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each [rows, T] int64
+
+
+class DataSource(Protocol):
+    vocab_size: int
+
+    def train_batches(self, start_step: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
+        """Batches of steps start_step, start_step + 1, ...: rows [dp_rank * b, (dp_rank + 1) * b) of
+        each global batch, b = global_batch_size // dp_size."""
+        ...
+
+    def cursor(self, step: int, global_batch_size: int) -> dict:
+        """The small, world-size-independent position of the stream before ``step`` (for checkpoints)."""
+        ...
+
+    def eval_sets(self, batches: int, batch_size: int) -> dict[int, list[Batch]]:
+        """A fixed held-out set per evaluation length: {seq_len: [(inputs, targets), ...]}."""
+        ...
 
 
 class SyntheticTask(Protocol):
@@ -28,6 +51,8 @@ def derived_seed(*parts: object) -> int:
 
 
 class SyntheticSource:
+    """Batch k is a pure function of (seed, k): resuming needs no loader state at all."""
+
     def __init__(self, task: SyntheticTask, seed: int):
         self.task = task
         self.seed = seed
@@ -38,8 +63,18 @@ class SyntheticSource:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "train", step))
         return self.task.make_batch(batch_size, self.task.train_seq_len(step), generator)
 
-    def eval_sets(self, batches: int, batch_size: int) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """A fixed held-out set per evaluation length: {seq_len: [(inputs, targets), ...]}."""
+    def train_batches(self, start_step: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
+        rows = global_batch_size // dp_size
+        step = start_step
+        while True:
+            inputs, targets = self.train_batch(step, global_batch_size)
+            yield inputs[dp_rank * rows:(dp_rank + 1) * rows], targets[dp_rank * rows:(dp_rank + 1) * rows]
+            step += 1
+
+    def cursor(self, step: int, global_batch_size: int) -> dict:
+        return {"kind": "synthetic", "seed": self.seed, "step": step}
+
+    def eval_sets(self, batches: int, batch_size: int) -> dict[int, list[Batch]]:
         sets = {}
         for seq_len in self.task.eval_seq_lens():
             sets[seq_len] = [

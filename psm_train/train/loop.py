@@ -78,8 +78,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
     throughput = Throughput()
     started = time.perf_counter()
     final_eval: dict[int, dict] = {}
+    batches = source.train_batches(0, t.batch_size)
     for step in range(t.steps):
-        inputs, targets = (x.to(device) for x in source.train_batch(step, t.batch_size))
+        inputs, targets = (x.to(device) for x in next(batches))
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
