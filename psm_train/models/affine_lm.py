@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from psm_train.kernels.chunk_affine import affine_step, chunk_affine
+from psm_train.distributed.affine_exchange import sp_chunk_affine
+from psm_train.distributed.sequence import SequenceParallel
+from psm_train.kernels.chunk_affine import BACKENDS, affine_step, chunk_affine
 from psm_train.models.base import CausalLM, tensor_nbytes
 from psm_train.models.layers import RMSNorm, SwiGLU, init_weights, swiglu_hidden
 
@@ -50,6 +52,7 @@ class AffineLMConfig:
     n_layers: int = 4
     n_heads: int = 4
     chunk_size: int = 64
+    kernel: str = "auto"  # chunk_affine backend: auto (Triton on GPU), triton or reference
     mlp_ratio: float = 4.0  # 0 disables the MLP
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -57,6 +60,8 @@ class AffineLMConfig:
     def validate(self) -> None:
         """Checks common to every affine model; each model adds its own (heads, widths)."""
         require_positive(self, "d_model", "n_layers", "chunk_size", "norm_eps")
+        if self.kernel not in BACKENDS:
+            raise ValueError(f"kernel: expected one of {BACKENDS}, got {self.kernel!r}")
         if self.mlp_ratio < 0:
             raise ValueError(f"mlp_ratio: expected a number >= 0 (0 disables the MLP), got {self.mlp_ratio}")
 
@@ -65,11 +70,11 @@ class AffineLMConfig:
 class MixerState:
     """Carry of one mixer layer for B sequences.
 
-    state: [B, H, K, V], the affine recurrence's state. conv: [B, channels, width - 1], the last
-    inputs of a short causal convolution (Mamba2), else None.
+    state: [B, H, K, V], the affine recurrence's state (None: zeros). conv: [B, channels, width - 1],
+    the last inputs of a short causal convolution (Mamba2), else None.
     """
 
-    state: torch.Tensor
+    state: torch.Tensor | None
     conv: torch.Tensor | None = None
 
     def nbytes(self) -> int:
@@ -87,6 +92,8 @@ def _one_token(
 class AffineMixer(nn.Module):
     """Token mixer through the affine recurrence, with n_heads heads of state [head_k_dim, head_v_dim]."""
 
+    kernel = "auto"  # set from AffineLMConfig.kernel by AffineBlock
+
     def __init__(self, chunk_size: int, n_heads: int, head_k_dim: int, head_v_dim: int):
         super().__init__()
         self.chunk_size = chunk_size
@@ -98,13 +105,33 @@ class AffineMixer(nn.Module):
         """x [B, T, d] -> y [B, T, d] and the state after x, with the recurrence evaluated by op."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
-        """Chunkwise parallel form: x [B, T, d] from state (None: zeros) -> y [B, T, d], final state."""
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
+        """Chunkwise parallel form: x [B, T, d] from state (None: zeros) -> y [B, T, d], final state.
 
-        def op(q, k, v, log_decay, initial_state):
-            return chunk_affine(q, k, v, log_decay, chunk_size=self.chunk_size, initial_state=initial_state)
+        With ``sp``, x is this rank's slice of a longer sequence and the carry comes from the
+        ranks before it (the state must then be None: the sequence starts at rank 0).
+        """
+        if sp is None:
 
-        return self.mix(x, state, op)
+            def op(q, k, v, log_decay, initial_state):
+                return chunk_affine(
+                    q, k, v, log_decay, chunk_size=self.chunk_size, initial_state=initial_state, backend=self.kernel
+                )
+
+            return self.mix(x, state, op)
+        if state is not None:
+            raise ValueError("under sequence parallelism the sequence starts from a zero state")
+
+        def sp_op(q, k, v, log_decay, initial_state):
+            return sp_chunk_affine(q, k, v, log_decay, chunk_size=self.chunk_size, sp=sp, backend=self.kernel)
+
+        return self.mix(x, self.halo_state(x, sp), sp_op)
+
+    def halo_state(self, x: torch.Tensor, sp: SequenceParallel) -> MixerState | None:
+        """State that depends on the previous rank's last inputs (a short convolution's); none by default."""
+        return None
 
     def step(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
         """Recurrent form, one token: x [B, d] -> y [B, d], next state."""
@@ -126,6 +153,7 @@ class AffineBlock(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer
+        mixer.kernel = cfg.kernel
         if cfg.mlp_ratio > 0:
             self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
@@ -135,9 +163,11 @@ class AffineBlock(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
         """x [B, T, d] -> [B, T, d], and the mixer's final state."""
-        y, state = self.mixer(self.mixer_norm(x), state)
+        y, state = self.mixer(self.mixer_norm(x), state, sp)
         return self._mlp(x + y), state
 
     def step(self, x: torch.Tensor, state: MixerState | None) -> tuple[torch.Tensor, MixerState]:
@@ -165,11 +195,11 @@ class AffineLM(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x, _ = layer(x)
+            x, _ = layer(x, None, sp)
         return self.head(self.norm(x))
 
     def init_generation(self, batch_size: int) -> AffineGenerationState:

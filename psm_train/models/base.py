@@ -7,6 +7,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from psm_train.distributed.sequence import SequenceParallel, slice_positions
+
 
 class GenerationState(Protocol):
     """Online inference state of one model for a batch of B sequences."""
@@ -22,10 +24,25 @@ class GenerationState(Protocol):
 
 
 class CausalLM(nn.Module):
-    """A decoder: ``forward(tokens [B, T]) -> logits [B, T, V]``, logits[:, t] seeing tokens[:, :t+1]."""
+    """A decoder: ``forward(tokens [B, T]) -> logits [B, T, V]``, logits[:, t] seeing tokens[:, :t+1].
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    Under sequence parallelism (``sp`` given), ``tokens`` is this rank's slice of the sequence in
+    the model's ``sequence_layout`` (see `psm_train.distributed.sequence`) and the logits are those
+    of the slice's tokens, equal to the single-device logits at the same positions.
+    """
+
+    sequence_layout = "contiguous"
+    # False when the ranks of an SP group call some module a different number of times (the tree
+    # exchange runs the Agg block more often on later ranks); ZeRO-3, which gathers parameters
+    # collectively at every module call, cannot train such a model under sequence parallelism.
+    sp_rank_symmetric = True
+
+    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
+        """Raise ValueError, saying what to change, when seq_len cannot be split across sp_size ranks."""
+        slice_positions(seq_len, 0, sp_size, self.sequence_layout)
 
     def init_generation(self, batch_size: int) -> GenerationState:
         raise NotImplementedError

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psm_train.distributed.context_parallel import cp_attention
+from psm_train.distributed.sequence import SequenceParallel
 from psm_train.kernels.attention import attention
 
 
@@ -98,15 +100,24 @@ class SelfAttention(nn.Module):
         causal: bool,
         window: int | None = None,
         cache: KVCache | None = None,
+        sp: SequenceParallel | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, dim]; positions: [T] rotary positions of x's tokens. Returns [B, T, dim]."""
+        """x: [B, T, dim]; positions: [T] rotary positions of x's tokens. Returns [B, T, dim].
+
+        With ``sp``, x is this rank's zigzag slice of a causal sequence (context parallelism).
+        """
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rotary(positions, self.head_dim, self.rope_base, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
-        y = attention(q, k, v, causal=causal, window=window)
+        if sp is None:
+            y = attention(q, k, v, causal=causal, window=window)
+        elif causal and cache is None:
+            y = cp_attention(q, k, v, sp, window=window)
+        else:
+            raise ValueError("context parallelism supports causal attention without a KV cache only")
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -120,8 +131,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
 
-    def forward(self, x, positions, *, causal, window=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache)
+    def forward(self, x, positions, *, causal, window=None, cache=None, sp=None):
+        x = x + self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache, sp=sp)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from psm_train.distributed.sequence import SequenceParallel, slice_positions
 from psm_train.models.base import CausalLM
 from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
 
@@ -33,6 +34,8 @@ class TransformerConfig:
 
 
 class Transformer(CausalLM):
+    sequence_layout = "zigzag"  # balances causal attention work across sequence-parallel ranks
+
     def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
@@ -46,12 +49,15 @@ class Transformer(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]."""
+    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; under ``sp`` a zigzag slice, attending over all ranks' keys."""
         x = self.embed(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if sp is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        else:
+            positions = slice_positions(tokens.shape[1] * sp.size, sp.rank, sp.size, self.sequence_layout).to(tokens.device)
         for block in self.blocks:
-            x = block(x, positions, causal=True, window=self.cfg.sliding_window)
+            x = block(x, positions, causal=True, window=self.cfg.sliding_window, sp=sp)
         return self.head(self.norm(x))
 
     def init_generation(self, batch_size: int) -> TransformerGenerationState:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psm_train.distributed.sequence import SequenceParallel
+from psm_train.distributed.tree_exchange import check_tree_slices, sp_prefix_scan
 from psm_train.models.base import CausalLM, tensor_nbytes
 from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
 from psm_train.scan import OnlineScan, prefix_scan
@@ -44,6 +46,8 @@ class TransformerPSMConfig:
 
 
 class TransformerPSM(CausalLM):
+    sp_rank_symmetric = False  # see CausalLM: the tree exchange runs Agg more often on later ranks
+
     def __init__(self, cfg: TransformerPSMConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
@@ -83,21 +87,34 @@ class TransformerPSM(CausalLM):
             z = block(z, positions, causal=True)
         return z[:, z.shape[1] - chunk.shape[1] :]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V], T of any length (the last chunk is padded at the end)."""
+    def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
+        c = self.cfg.chunk_size
+        if seq_len % (sp_size * c):
+            raise ValueError(
+                f"sequence length {seq_len} is not divisible by parallel.sp * model.chunk_size = {sp_size} * {c}: "
+                "every rank must hold whole chunks"
+            )
+        check_tree_slices(seq_len // (sp_size * c), sp_size)
+
+    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V], T of any length (the last chunk is padded at the end).
+
+        Under sequence parallelism T is this rank's slice: whole chunks, a power of two of them.
+        """
         b, t = tokens.shape
         c, d = self.cfg.chunk_size, self.cfg.d_model
         n = -(-t // c)
         # Padding comes after every real token: causal Inf never sees it, and the last chunk's
         # state feeds no real prefix.
         x = F.pad(self.embed(tokens), (0, 0, 0, n * c - t)).view(b, n, c, d)
-        hidden = [self.infer(None, x[:, 0])]
-        if n > 1:
-            # P_0 is the identity (chunk 0 was handled above); the last chunk's own state
-            # enters no real prefix.
-            prefixes, _ = prefix_scan(x, self.aggregate)
-            rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
-            hidden.append(rest.reshape(b, (n - 1) * c, d))
+        prefixes, has_prefix = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
+        # Only the sequence's first chunk lacks a prefix (P_0, the identity): Inf sees it alone.
+        first = 0 if bool(has_prefix[0]) else 1
+        hidden = [self.infer(None, x[:, 0])] if first else []
+        if n > first:
+            m = n - first
+            rest = self.infer(prefixes[:, first:].reshape(b * m, c, d), x[:, first:].reshape(b * m, c, d))
+            hidden.append(rest.reshape(b, m * c, d))
         h = torch.cat(hidden, dim=1)[:, :t]
         return self.head(self.norm(h))
 

@@ -1,0 +1,49 @@
+"""Sequence-parallel prefix scan along the fixed Blelloch tree, for non-associative aggregators.
+
+Rank r holds chunks [r·m, (r+1)·m) with m a power of two: an aligned block, hence one subtree of
+the single-device tree. Its upsweep is local. The P subtree roots are the nodes of the tree's level
+log2(m); everything above them is the tree over the P roots. After ONE all-gather of the roots,
+rank r evaluates that tree's prefix of root r (`prefix_scan` over roots 0..r: a prefix depends only
+on the aligned blocks before it, so this is the same parenthesisation), and the local downsweep
+from it finishes the exact single-device tree.
+
+The top of the tree is evaluated redundantly on every rank, but rank r's copy only feeds rank r's
+outputs, so summing gradients over ranks counts each use exactly once; the all-gather's backward
+returns the gradient of each root to the rank that owns it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psm_train.distributed.collectives import all_gather_stack, graph_anchor
+from psm_train.distributed.sequence import SequenceParallel
+from psm_train.scan.tree import Aggregator, downsweep, prefix_scan, upsweep
+
+
+def check_tree_slices(n_chunks_local: int, sp_size: int) -> None:
+    """The block each rank holds must be an aligned power-of-two subtree of the global tree."""
+    if n_chunks_local <= 0 or n_chunks_local & (n_chunks_local - 1):
+        raise ValueError(
+            f"each of the parallel.sp = {sp_size} ranks holds {n_chunks_local} chunks; the tree exchange needs a "
+            "power of two (1, 2, 4, ...) so that every rank's block is a subtree of the scan tree: choose "
+            "seq_len = sp * chunk_size * 2^k"
+        )
+
+
+def sp_prefix_scan(x: torch.Tensor, agg: Aggregator, sp: SequenceParallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prefix_scan` of this rank's chunks x [B, m, *S] of a sequence split across ``sp``.
+
+    Returns (prefixes [B, m, *S], has_prefix [m]), exactly as the single-device scan gives them for
+    these chunks (only rank 0's first chunk has the identity as prefix).
+    """
+    n = x.shape[1]
+    check_tree_slices(n, sp.size)
+    blocks = upsweep(x, agg)
+    roots = all_gather_stack(blocks[-1][:, 0], sp.group, sp.rank, sp.size).transpose(0, 1)  # [B, P, *S]
+    has_prefix = torch.ones(n, dtype=torch.bool, device=x.device)
+    if sp.rank == 0:
+        has_prefix[0] = False
+        return downsweep(blocks, n, agg, None) + graph_anchor(roots), has_prefix
+    root_prefixes, _ = prefix_scan(roots[:, : sp.rank + 1], agg)
+    return downsweep(blocks, n, agg, root_prefixes[:, sp.rank]), has_prefix
