@@ -1,25 +1,63 @@
 """Scaled dot-product attention behind one backend selector.
 
-flash-attn is used when it is importable, the tensors are on a GPU and in fp16/bf16; otherwise
-PyTorch SDPA (which picks its own fused kernel on GPU and the math path on CPU).
+Chosen by a measured table (`tools/bench_attention.py`, H200, torch 2.11, bf16, fwd+bwd; the
+numbers are in docs/benchmarks.md): causal B 8, H 16, D 128, SDPA's cuDNN kernel 445 / 528 TFLOP/s
+at L = 2048 / 8192, its flash kernel 234 / 308; the batched bidirectional Agg calls (2c = 128, 256
+tokens, D 64) cuDNN 142 / 228, flash 85 / 140. flash-attn 2 (not installable on the image) is
+published near the SDPA flash kernel's rates on Hopper. So on GPU, fp16/bf16 attention without
+a window goes to SDPA with cuDNN first (then flash, memory-efficient, math: SDPA takes the first
+that accepts the inputs), for causal calls (transformer, Inf) and bidirectional ones (the
+2c-token Agg calls) alike. A sliding window needs an explicit mask in SDPA, so windows go to flash-attn when it is
+installed. On CPU SDPA runs its math path.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
 
+# Fastest first, as measured (module docstring).
+SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
-def attention_backend(q: torch.Tensor) -> str:
-    """Name of the backend `attention` uses for tensors like ``q``."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+
+def attention_backend(q: torch.Tensor, window: int | None = None) -> str:
+    """Name of the backend `attention` uses for tensors like ``q``: flash_attn, sdpa_cudnn_first or sdpa."""
+    fused = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if fused and window is not None and flash_attn_func is not None:
         return "flash_attn"
-    return "sdpa"
+    return "sdpa_cudnn_first" if fused else "sdpa"
+
+
+# Decoding with a KV cache (fewer queries than keys) changes the key length at every step. SDPA's
+# cuDNN kernel builds an execution plan per new shape, which took about 5 ms per call on an H200
+# (tools/bench_generation.py: a 12-block transformer spent 65-90 ms per token at any context
+# length), so those calls try flash first.
+SDPA_DECODE_PRIORITY = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def _sdpa_context(q: torch.Tensor, k: torch.Tensor):
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        priority = SDPA_PRIORITY if q.shape[-2] == k.shape[-2] else SDPA_DECODE_PRIORITY
+        return sdpa_kernel(priority, set_priority=True)
+    return contextlib.nullcontext()
 
 
 def causal_mask(t_q: int, t_k: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -53,7 +91,7 @@ def attention(
     if window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
     t_q, t_k = q.shape[-2], k.shape[-2]
-    if attention_backend(q) == "flash_attn":
+    if attention_backend(q, window) == "flash_attn":
         out = flash_attn_func(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -62,9 +100,10 @@ def attention(
             window_size=(-1, -1) if window is None else (window - 1, 0),
         )
         return out.transpose(1, 2)
-    if not causal or (t_q == 1 and (window is None or t_k <= window)):
-        return F.scaled_dot_product_attention(q, k, v)
-    if t_q == t_k and window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = causal_mask(t_q, t_k, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with _sdpa_context(q, k):
+        if not causal or (t_q == 1 and (window is None or t_k <= window)):
+            return F.scaled_dot_product_attention(q, k, v)
+        if t_q == t_k and window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = causal_mask(t_q, t_k, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -7,9 +7,42 @@ o_t includes token t; q carries any scaling. Half-precision inputs accumulate in
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from psm_train.kernels.chunk_affine.reference import affine_step, chunk_affine_ref, recurrent_affine_ref
+
+# Triton is a GPU dependency; the kernels import on first use, so CPU runs never load them.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+BACKENDS = ("auto", "triton", "reference")
+MAX_TRITON_DIM = 256  # K and V tiles are held whole in the kernels
+
+
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None) -> str:
+    """'triton' or 'reference' for ``backend`` on tensors like q (and v).
+
+    auto: Triton for CUDA tensors in fp32/bf16/fp16 with head dims up to 256 when Triton imports,
+    else the reference.
+    triton: forced; on CPU tensors only under TRITON_INTERPRET=1 (the CPU tests).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])
+    usable = HAVE_TRITON and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and max(dims) <= MAX_TRITON_DIM
+    if backend == "auto":
+        return "triton" if usable and q.is_cuda else "reference"
+    if not usable:
+        raise RuntimeError(
+            f"kernel backend 'triton' needs the triton package, fp32/bf16/fp16 inputs and head dims up to "
+            f"{MAX_TRITON_DIM} (got {q.dtype}, dims {dims})"
+        )
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+    return backend
 
 
 def chunk_affine(
@@ -20,14 +53,20 @@ def chunk_affine(
     *,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise parallel form, for training and prefill.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [B, T, H, K] or [B, T, H, 1];
     initial_state: [B, H, K, V] or None (zeros). Returns o [B, T, H, V] (v's dtype) and the
     final state [B, H, K, V] (float32, or float64 for float64 inputs).
-    Runs the PyTorch reference; a Triton kernel will be dispatched from here.
+    backend: 'auto', 'triton' or 'reference' (see `resolve_backend`); both give the same function
+    and the same carry, so callers (the sequence-parallel exchange) need not know which ran.
     """
+    if resolve_backend(backend, q, v) == "triton":
+        from psm_train.kernels.chunk_affine.triton_op import chunk_affine_triton
+
+        return chunk_affine_triton(q, k, v, log_decay, chunk_size=chunk_size, initial_state=initial_state)
     return chunk_affine_ref(q, k, v, log_decay, chunk_size=chunk_size, initial_state=initial_state)
 
 
@@ -43,4 +82,4 @@ def recurrent_affine(
     return recurrent_affine_ref(q, k, v, log_decay, initial_state=initial_state)
 
 
-__all__ = ["affine_step", "chunk_affine", "recurrent_affine"]
+__all__ = ["BACKENDS", "affine_step", "chunk_affine", "recurrent_affine", "resolve_backend"]

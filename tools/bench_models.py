@@ -1,0 +1,110 @@
+"""Model-level training throughput on one GPU: tokens/s and peak memory per sequence length.
+
+    python tools/bench_models.py --out bench_models.json
+
+Models at about 172M parameters (vocab 32768, tied embeddings, d 1024): transformer (11 layers,
+16 heads), transformer_psm (Agg 1 (the default) + Inf 10 layers, chunk 64 and 128), gla (11 layers, 8 heads:
+K 64, V 128 per head). One training step = forward, cross-entropy, backward and a fused AdamW
+step under bf16 autocast, on batches of about --tokens tokens (B = tokens // T, at least 1).
+Time: the mean of --steps steps after --warmup steps (which include Triton autotuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from psm_train.kernels.attention import attention_backend
+from psm_train.models import MODELS, build_model
+
+VOCAB = 32768
+SPECS = {
+    "transformer": ("transformer", dict(d_model=1024, n_layers=11, n_heads=16)),
+    "transformer_psm_c64": ("transformer_psm", dict(d_model=1024, n_heads=16, chunk_size=64, inf_layers=10)),
+    "transformer_psm_c128": ("transformer_psm", dict(d_model=1024, n_heads=16, chunk_size=128, inf_layers=10)),
+    "gla": ("gla", dict(d_model=1024, n_layers=11, n_heads=8, chunk_size=64)),
+}
+
+
+def measure(label: str, T: int, tokens: int, warmup: int, steps: int) -> dict:
+    name, kw = SPECS[label]
+    model = build_model(name, MODELS[name][0](**kw), VOCAB).cuda()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    B = max(1, tokens // T)
+    data = torch.randint(0, VOCAB, (B, T + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(data[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), data[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    row = dict(model=label, T=T, batch=B, params_M=params / 1e6)
+    try:
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+        row.update(step_s=dt, tokens_per_s=B * T / dt, peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    del model, opt, data
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
+    ap.add_argument("--models", nargs="+", default=list(SPECS))
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens per step")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=600.0, help="start no new run after this many seconds")
+    ap.add_argument("--out", default="bench_models.json")
+    args = ap.parse_args()
+
+    probe = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    meta = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
+        attention=attention_backend(probe), tokens_per_step=args.tokens,
+    )
+    start, rows = time.time(), []
+    for T in args.seq_lens:
+        for label in args.models:
+            if time.time() - start > args.budget_s:
+                print(f"time budget spent: skipped {label} T={T}", flush=True)
+                continue
+            rows.append(measure(label, T, args.tokens, args.warmup, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    print(f"\n{meta}")
+    print("| model | params | T | batch | tokens/s | peak memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['params_M']:.0f}M | {r['T']} | {r['batch']} | {r['error']} | |")
+        else:
+            print(
+                f"| {r['model']} | {r['params_M']:.0f}M | {r['T']} | {r['batch']} | "
+                f"{r['tokens_per_s'] / 1e3:.0f}k | {r['peak_mem_GiB']:.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Chunked affine scan, forward and forward+backward: our Triton kernels vs fla vs the PyTorch reference.
+
+    python tools/bench_scan.py --out bench_scan.json
+
+Inputs [B, T, H, D] in bf16 with B·H = 128 (B = 8, H = 16), K = V = D, log decay in float32:
+[B, T, H, 1] for scalar decay (fla's chunk_simple_gla, and fla's chunk_gla with the gate
+broadcast over K as ``fla_chunk_gla``: the same function, the copy of the gate included),
+[B, T, H, D] for diagonal decay (fla's chunk_gla). A peer that refuses its backward (fla 0.6.0's
+chunk_simple_gla does on Hopper with Triton < 3.7.1) gets its forward timed alone. Times are medians of triton.testing.do_bench; fwd+bwd backpropagates a random dO.
+
+TFLOP/s counts the chunkwise algorithm's matmuls at chunk C = 64 (per token and head: the
+[C, C] score matrix, its product with V, the inter-chunk q·S and the state update, 2·(C·K + C·V
++ 2·K·V) FLOP forward; backward counted as twice that). Roofline bound: the larger of those FLOP
+at the measured bf16 matmul rate (790 TFLOP/s) and the minimal HBM traffic (q, k, v, g read and o
+written forward; q, k, v, g, dO read and dq, dk, dv, dg written backward; per-chunk states not
+counted) at the measured copy bandwidth (4.3 TB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from psm_train.kernels.chunk_affine.reference import chunk_affine_ref
+from psm_train.kernels.chunk_affine.triton_op import chunk_affine_triton
+
+PEAK_FLOPS, PEAK_BW = 790e12, 4.3e12
+
+
+def fla_impl(decay: str):
+    """fla's kernel for this decay form as (q, k, v, g) -> o, or None when fla is missing."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return None
+    if decay == "scalar":
+        return lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g[..., 0], scale=1.0)[0]
+    if decay == "scalar_as_diagonal":  # the same function through fla's diagonal-gate kernel
+        return lambda q, k, v, g: chunk_gla(q, k, v, g.expand(*q.shape).contiguous(), scale=1.0)[0]
+    return lambda q, k, v, g: chunk_gla(q, k, v, g, scale=1.0)[0]
+
+
+def ours(q, k, v, g):
+    return chunk_affine_triton(q, k, v, g, chunk_size=64)[0]
+
+
+def reference(q, k, v, g):
+    return chunk_affine_ref(q, k, v, g, chunk_size=64)[0]
+
+
+def cost(decay: str, T: int, D: int, bh: int) -> tuple[float, float, float]:
+    """FLOP fwd+bwd, minimal bytes fwd+bwd, roofline time in ms (see the module docstring)."""
+    C = 64
+    flops = 3 * 2 * (C * D + C * D + 2 * D * D) * T * bh
+    g = 4 * (D if decay == "diagonal" else 1)
+    fwd_bytes = 3 * 2 * D + g + 2 * D
+    bwd_bytes = 4 * 2 * D + g + 3 * 2 * D + g
+    nbytes = (fwd_bytes + bwd_bytes) * T * bh
+    return flops, nbytes, 1e3 * max(flops / PEAK_FLOPS, nbytes / PEAK_BW)
+
+
+def make_inputs(decay: str, T: int, D: int, B: int, H: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(B, T, H, D, device="cuda", generator=gen) / D**0.5 for _ in range(2))
+    v = torch.randn(B, T, H, D, device="cuda", generator=gen)
+    # GLA-style gates: log sigmoid / 16, mean about -0.05 per token.
+    g = F.logsigmoid(torch.randn(B, T, H, D if decay == "diagonal" else 1, device="cuda", generator=gen)) / 16
+    do = torch.randn(B, T, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    xs = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [g.requires_grad_()]
+    return xs, do
+
+
+def time_fwd(fn, xs) -> float:
+    return triton.testing.do_bench(lambda: fn(*xs), warmup=10, rep=50, return_mode="median")
+
+
+def time_fwdbwd(fn, xs, do) -> float:
+    def step():
+        fn(*xs).backward(do)
+
+    return triton.testing.do_bench(step, warmup=10, rep=100, grad_to_none=xs, return_mode="median")
+
+
+def write(path: str, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--decays", nargs="+", default=["scalar", "diagonal"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ref-max-len", type=int, default=8192, help="longest T for the PyTorch reference")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="start no new shape after this many seconds")
+    ap.add_argument("--out", default="bench_scan.json")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="run every implementation's fwd+bwd once at the first length (compile and autotune into the "
+                         "Triton cache, e.g. one process per decay and D in parallel before the timed run), no timing")
+    args = ap.parse_args()
+    if args.warm_only:
+        for D in args.dims:
+            for decay in args.decays:
+                xs, do = make_inputs(decay, args.seq_lens[0], D, args.batch, args.heads)
+                for name, fn in (("triton", ours), ("fla", fla_impl(decay)), ("fla_chunk_gla", fla_impl("scalar_as_diagonal"))):
+                    if fn is None or (name == "fla_chunk_gla" and decay != "scalar"):
+                        continue
+                    t0 = time.time()
+                    try:
+                        fn(*xs).backward(do)
+                    except RuntimeError as e:
+                        print(f"warm {decay} D={D} {name}: backward refused ({str(e)[:80]}); forward only", flush=True)
+                        with torch.no_grad():
+                            fn(*xs)
+                    torch.cuda.synchronize()
+                    print(f"warm {decay} D={D} {name}: {time.time() - t0:.1f}s", flush=True)
+        return
+
+    meta = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), batch=args.batch, heads=args.heads,
+    )
+    try:
+        import fla
+
+        meta["fla"] = fla.__version__
+    except ImportError:
+        meta["fla"] = None
+    start, rows = time.time(), []
+    for D in args.dims:
+        for decay in args.decays:
+            impls = {"triton": ours, "fla": fla_impl(decay), "reference": reference}
+            if decay == "scalar":
+                impls["fla_chunk_gla"] = fla_impl("scalar_as_diagonal")
+            for T in args.seq_lens:
+                if time.time() - start > args.budget_s:
+                    print(f"time budget spent: skipped {decay} D={D} T={T}", flush=True)
+                    continue
+                xs, do = make_inputs(decay, T, D, args.batch, args.heads)
+                flops, nbytes, bound = cost(decay, T, D, args.batch * args.heads)
+                o_ours = ours(*xs).float()
+                for name, fn in impls.items():
+                    if fn is None or (name == "reference" and T > args.ref_max_len):
+                        continue
+                    row = dict(decay=decay, D=D, T=T, impl=name, roofline_ms=bound)
+                    try:  # forward and backward separately: a peer may refuse only its backward
+                        o = fn(*xs).float()
+                        row["rel_diff_vs_triton"] = ((o - o_ours).norm() / o_ours.norm()).item()
+                        row["fwd_ms"] = time_fwd(fn, xs)
+                        row["fwdbwd_ms"] = time_fwdbwd(fn, xs, do)
+                        row["tflops"] = flops / row["fwdbwd_ms"] / 1e9
+                        row["x_roofline"] = row["fwdbwd_ms"] / bound
+                    except Exception as e:  # an OOM or a peer's refusal is a result too
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    write(args.out, meta, rows)
+                del xs, do, o_ours
+                torch.cuda.empty_cache()
+
+    print(f"\n{meta}")
+    print("| decay | D | T | impl | fwd ms | fwd+bwd ms | TFLOP/s | roofline ms | × roofline | fastest fla / ours (fwd, fwd+bwd) | rel diff vs triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    by_shape = {(r["decay"], r["D"], r["T"], r["impl"]): r for r in rows}
+    for r in rows:
+        if "fwd_ms" in r and "fwdbwd_ms" not in r:
+            print(f"| {r['decay']} | {r['D']} | {r['T']} | {r['impl']} | {r['fwd_ms']:.2f} | {r.get('error', '')[:60]} | | | | | {r['rel_diff_vs_triton']:.1e} |")
+            continue
+        if "error" in r:
+            print(f"| {r['decay']} | {r['D']} | {r['T']} | {r['impl']} | {r['error']} | | | | | | |")
+            continue
+        peers = [by_shape.get((r["decay"], r["D"], r["T"], n)) for n in ("fla", "fla_chunk_gla")]
+        fwd = [p["fwd_ms"] for p in peers if p and "fwd_ms" in p]
+        both = [p["fwdbwd_ms"] for p in peers if p and "fwdbwd_ms" in p]
+        ratio = ""
+        if r["impl"] == "triton" and fwd:  # the fastest fla kernel for the same function
+            ratio = f"{min(fwd) / r['fwd_ms']:.2f}, " + (f"{min(both) / r['fwdbwd_ms']:.2f}" if both else "–")
+        print(
+            f"| {r['decay']} | {r['D']} | {r['T']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+            f"{r['tflops']:.0f} | {r['roofline_ms']:.2f} | {r['x_roofline']:.1f} | {ratio} | {r['rel_diff_vs_triton']:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
