@@ -1,4 +1,4 @@
-"""The ``psm-train`` command: train, eval, generate."""
+"""The ``psm-train`` command: train, eval, generate, export (and submit, jobs, sweep, data)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,27 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from psm_train.train.loop import train
-
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # validated here, before any rank starts
+    if args.nproc > 1:
+        # torchrun starts the ranks on this machine; each runs this command without --nproc.
+        import os
+
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                "-m", "psm_train", "train", args.config, *(a for o in overrides for a in ("--set", o))]
+        os.execv(sys.executable, argv)
+    from psm_train.train.loop import train
+
     train(cfg)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from psm_train.train.checkpoint import export_safetensors
+
+    out = export_safetensors(args.checkpoint, args.out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -93,22 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config")
     p.add_argument("--run-dir", help="where config.yaml, metrics.jsonl and checkpoints go (default runs/<name>)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to start with torchrun (dp x sp, see parallel.sp)")
     _add_overrides(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="write a checkpoint's consolidated weights and config as safetensors")
+    p.add_argument("checkpoint", help="a run directory, final.pt, or a checkpoints/step_* directory")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on its task's held-out sets (every eval length)")
-    p.add_argument("checkpoint", help="a .pt file or a run directory")
+    p.add_argument("checkpoint", help="a run directory, a .pt or .safetensors file, or a checkpoints/step_* directory")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt token by token with the online state")
-    p.add_argument("checkpoint", help="a .pt file or a run directory")
+    p.add_argument("checkpoint", help="a run directory, a .pt or .safetensors file, or a checkpoints/step_* directory")
     p.add_argument("--prompt", help="comma-separated token ids (default: a held-out example of the task)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     _add_overrides(p)
     p.set_defaults(func=cmd_generate)
+
+    from psm_train.launch.cli import add_commands  # submit, jobs, sweep
+
+    add_commands(sub, _add_overrides)
+
+    from psm_train.data.data_cli import add_data_parser  # data build, data verify
+
+    add_data_parser(sub)
     return parser
 
 

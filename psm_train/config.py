@@ -63,6 +63,41 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sp: int = 1  # sequence-parallel degree; data-parallel degree = world size / sp
+    engine: str = "torch"  # torch (replicated, all-reduce) | deepspeed (ZeRO)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine: deepspeed)
+    grad_accum: int = 1  # micro-batches per optimizer step; train.batch_size is the whole step's
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+
+    def validate(self) -> None:
+        if self.sp <= 0 or self.grad_accum <= 0:
+            raise ValueError("sp and grad_accum: expected positive integers")
+        if self.engine not in ("torch", "deepspeed"):
+            raise ValueError(f"engine: expected torch or deepspeed, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage and self.engine != "deepspeed":
+            raise ValueError(f"zero_stage: {self.zero_stage} needs engine: deepspeed")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save a sharded checkpoint every this many steps (0: only when preempted)
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint in the run dir | never
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep_every < 0:
+            raise ValueError("every and keep_every: expected integers >= 0")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last: expected an integer >= 1, got {self.keep_last}")
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"resume: expected auto or never, got {self.resume!r}")
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "psm-train"
@@ -84,6 +119,8 @@ class RunConfig:
     model: Choice
     data: Choice
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run_dir: str = ""  # default: runs/<name>
 
@@ -94,6 +131,8 @@ class RunConfig:
             "model": {"name": self.model.name, **dataclasses.asdict(self.model.config)},
             "data": {"task": self.data.name, **dataclasses.asdict(self.data.config)},
             "train": dataclasses.asdict(self.train),
+            "parallel": dataclasses.asdict(self.parallel),
+            "checkpoint": dataclasses.asdict(self.checkpoint),
             "wandb": dataclasses.asdict(self.wandb),
         }
 
@@ -220,6 +259,8 @@ def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
             model=_build_choice(raw.get("model"), "name", models, "model"),
             data=_build_choice(raw.get("data"), "task", tasks, "data"),
             train=build_dataclass(TrainConfig, raw.get("train", {}), "train"),
+            parallel=build_dataclass(ParallelConfig, raw.get("parallel", {}), "parallel"),
+            checkpoint=build_dataclass(CheckpointConfig, raw.get("checkpoint", {}), "checkpoint"),
             wandb=build_dataclass(WandbConfig, raw.get("wandb", {}), "wandb"),
             run_dir=_coerce(raw.get("run_dir", ""), str, "run_dir"),
         )

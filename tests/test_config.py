@@ -18,7 +18,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(CONFIGS[0], ["train.lr=1e-3", "model.d_model=32", "data.eval_seq_lens=[128, 256]"])
+    cfg = load_config("configs/mqar_psm_c32.yaml", ["train.lr=1e-3", "model.d_model=32", "data.eval_seq_lens=[128, 256]"])
     again = config_from_dict(cfg.to_dict(), "round trip")
     assert again == cfg
     assert again.train.lr == 1e-3 and isinstance(again.train.lr, float)

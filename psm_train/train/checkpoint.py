@@ -1,12 +1,14 @@
-"""Single-file checkpoint written at the end of a run (sharded checkpoints come with the distributed trainer).
+"""Consolidated model files: final.pt at the end of a run, safetensors exports, and loading either.
 
-The file holds only tensors and plain Python values, so loading uses ``weights_only=True`` and
-never unpickles arbitrary objects. It is written to a temporary name and renamed, so a crash
-never leaves a half-written file under the final name.
+Training state (sharded, resumable) lives in psm_train.checkpoint; this module deals in whole
+models for evaluation, generation and sharing. Nothing here unpickles arbitrary objects:
+``.pt`` files are read with ``weights_only=True``, exports are safetensors with the config as JSON
+metadata.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,19 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from psm_train.config import RunConfig, config_from_dict
+from psm_train.config import RunConfig, apply_overrides, config_from_dict
 
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: Path, model: nn.Module, cfg: RunConfig, step: int, extra: dict[str, Any] | None = None) -> None:
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "config": cfg.to_dict(),
-        "step": step,
-        **(extra or {}),
-    }
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], cfg: RunConfig, step: int) -> None:
+    """Write final.pt: weights, resolved config, step; under a temporary name, then renamed."""
+    payload = {"format_version": FORMAT_VERSION, "model": weights, "config": cfg.to_dict(), "step": step}
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         torch.save(payload, f)
@@ -35,29 +32,79 @@ def save_checkpoint(path: Path, model: nn.Module, cfg: RunConfig, step: int, ext
     tmp.replace(path)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory holding final.pt."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "final.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here (expected a .pt file or a run directory with final.pt)")
-    return path
+def _build(raw_config: dict[str, Any], overrides: list[str], where: str) -> tuple[nn.Module, RunConfig]:
+    from psm_train.data import build_source
+    from psm_train.models import build_model
+
+    cfg = config_from_dict(apply_overrides(raw_config, list(overrides)), f"{where} (stored config)")
+    vocab_size = build_source(cfg.data.name, cfg.data.config, cfg.train.seed).vocab_size
+    return build_model(cfg.model.name, cfg.model.config, vocab_size), cfg
+
+
+def _from_sharded(path: Path, overrides: list[str]) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """A training checkpoint: a step_* directory, or a run directory's newest complete one."""
+    from psm_train.checkpoint import CheckpointStore
+    from psm_train.train.engine import check_names, named_unique_parameters, read_canonical
+
+    root, step = (path.parent, int(path.name.split("_")[1])) if path.name.startswith("step_") else (path / "checkpoints", None)
+    ckpt = CheckpointStore(root, rank=0, world_size=1).load(step)
+    model, cfg = _build(ckpt.meta["config"], overrides, str(ckpt.path))
+    state = read_canonical(ckpt)
+    check_names(model, state, str(ckpt.path))
+    with torch.no_grad():
+        for name, p in named_unique_parameters(model):
+            p.copy_(state["params"][name])
+    return model, cfg, {"step": ckpt.step, "config": ckpt.meta["config"]}
+
+
+def _from_safetensors(path: Path, overrides: list[str]) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "psm_train_config" not in meta:
+        raise ValueError(f"{path}: not a psm-train export (no psm_train_config in its metadata)")
+    raw = json.loads(meta["psm_train_config"])
+    model, cfg = _build(raw, overrides, str(path))
+    load_model(model, str(path))
+    return model, cfg, {"step": int(meta.get("step", 0)), "config": raw}
 
 
 def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
-    """(model on CPU in eval mode, its config with ``overrides`` applied, the raw payload)."""
-    from psm_train.config import apply_overrides
-    from psm_train.models import build_model
-    from psm_train.data import build_source
+    """(model on CPU in eval mode, its config with ``overrides`` applied, {"step", "config", ...}).
 
-    path = resolve_checkpoint(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {payload.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    cfg = config_from_dict(apply_overrides(payload["config"], list(overrides)), f"{path} (stored config)")
-    vocab_size = build_source(cfg.data.name, cfg.data.config, cfg.train.seed).vocab_size
-    model = build_model(cfg.model.name, cfg.model.config, vocab_size)
-    model.load_state_dict(payload["model"])
+    ``path``: a run directory (final.pt, else its newest training checkpoint), final.pt or another
+    .pt file, a training checkpoint directory (step_*), or a .safetensors export.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "final.pt").is_file():
+        model, cfg, info = _from_sharded(path, list(overrides))
+    elif path.suffix == ".safetensors" and path.is_file():
+        model, cfg, info = _from_safetensors(path, list(overrides))
+    else:
+        file = path / "final.pt" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint here (expected a run directory, a .pt or .safetensors file, "
+                                    "or a checkpoints/step_* directory)")
+        info = torch.load(file, map_location="cpu", weights_only=True)
+        if info.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{file}: checkpoint format {info.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        model, cfg = _build(info["config"], list(overrides), str(file))
+        model.load_state_dict(info["model"])
     model.eval()
-    return model, cfg, payload
+    return model, cfg, info
+
+
+def export_safetensors(path: str | Path, out: str | Path) -> Path:
+    """Consolidated weights of any checkpoint ``load_checkpoint`` reads, with the config as metadata."""
+    from safetensors.torch import save_model
+
+    model, _, info = load_checkpoint(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    # save_model drops the duplicate names of tied weights; load_model restores the tie.
+    save_model(model, str(tmp), metadata={"psm_train_config": json.dumps(info["config"]), "step": str(info["step"])})
+    tmp.replace(out)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ def evaluate(
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[int, dict]:
-    """{seq_len: {"loss", "acc", "scored", "acc_by_position"}} over each fixed held-out set.
+    """{seq_len: {"loss", "ppl", "acc", "scored", "acc_by_position"}} over each fixed held-out set.
 
     acc_by_position[t] is the accuracy at position t over the scored targets there (None where
     no target is scored), the curve a length-generalisation plot needs.
@@ -47,8 +48,10 @@ def evaluate(
             scored += n
             pos_correct += hits.sum(0).cpu()
             pos_scored += mask.sum(0).cpu()
+        loss = loss_sum / max(scored, 1)
         results[seq_len] = {
-            "loss": loss_sum / max(scored, 1),
+            "loss": loss,
+            "ppl": math.exp(loss) if loss < 700 else math.inf,  # perplexity; meaningful when every token is scored
             "acc": correct_sum / max(scored, 1),
             "scored": scored,
             "acc_by_position": [c / s if s else None for c, s in zip(pos_correct.tolist(), pos_scored.tolist())],

@@ -1,4 +1,10 @@
-"""The single-process training loop: batch, forward, loss, backward, clip, step, log, eval, save."""
+"""The training loop, one process per rank: batch, forward, loss, backward, step, log, eval, checkpoint.
+
+A single process, torchrun and srun run the same code: ranks form dp x sp (see
+psm_train.distributed.layout); every rank of an SP group reads the same rows of the global batch
+and keeps its slice of the sequence. The run resumes on its own from the newest complete sharded
+checkpoint in the run directory, also at another world size, SP degree or ZeRO stage.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,42 @@ import contextlib
 import json
 import math
 import random
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 
+from psm_train.checkpoint import CheckpointStore, StoredCheckpoint
 from psm_train.config import RunConfig
 from psm_train.data import build_source
+from psm_train.data.synthetic import IGNORE_INDEX
+from psm_train.distributed.env import init_distributed
+from psm_train.distributed.layout import ParallelLayout
+from psm_train.distributed.sequence import shard_sequence
+from psm_train.launch.preemption import should_stop
 from psm_train.models import build_model
+from psm_train.models.affine_lm import AffineBlock
+from psm_train.models.layers import Block
 from psm_train.train.checkpoint import save_checkpoint
-from psm_train.train.evaluate import evaluate, masked_loss
+from psm_train.train.engine import build_engine, read_canonical
+from psm_train.train.evaluate import evaluate
 from psm_train.train.metrics import MetricsLogger, Throughput, start_wandb
-from psm_train.train.optim import build_optimizer, lr_at
+from psm_train.train.optim import lr_at
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.device=cuda but no CUDA device is available (use train.device=cpu or auto)")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("train.device=cuda but no CUDA device is available (use train.device=cpu or auto)")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -44,83 +65,230 @@ def seed_everything(seed: int) -> None:
 
 
 def eval_summary(results: dict[int, dict]) -> dict[str, float]:
-    """Flat metrics for metrics.jsonl: eval/len{L}/loss and eval/len{L}/acc."""
+    """Flat metrics for metrics.jsonl: eval/len{L}/loss, /ppl and /acc."""
     out = {}
     for seq_len, r in results.items():
-        out[f"eval/len{seq_len}/loss"] = r["loss"]
-        out[f"eval/len{seq_len}/acc"] = r["acc"]
+        for key in ("loss", "ppl", "acc"):
+            out[f"eval/len{seq_len}/{key}"] = r[key]
     return out
 
 
-def train(cfg: RunConfig) -> dict[str, float]:
-    """Train from scratch as configured; returns the final evaluation metrics."""
-    t = cfg.train
+def code_version() -> str:
+    """The git commit of the code that ran (with '+dirty' for local changes), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True).stdout
+        return rev + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return f"psm-train {version('psm-train')}"
+
+
+def check_batch_split(batch_size: int, dp: int, grad_accum: int) -> None:
+    if batch_size % (dp * grad_accum):
+        raise SystemExit(f"train.batch_size = {batch_size} must be divisible by data-parallel ranks x parallel.grad_accum "
+                         f"= {dp} x {grad_accum}; the global batch is split evenly across them")
+
+
+def resume_step(source, cursor: dict, global_batch_size: int, checkpoint_step: int) -> int:
+    """The step to continue at, after checking that the data would continue the same sample order."""
+    if hasattr(source, "check_cursor"):
+        return source.check_cursor(cursor, global_batch_size)
+    expected = source.cursor(checkpoint_step, global_batch_size)
+    if cursor != expected:
+        raise SystemExit(f"data cursor in the checkpoint {cursor} differs from this config's {expected}: "
+                         "resuming would not continue the same sample order (was data.* or train.seed changed?)")
+    return checkpoint_step
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (written after the checkpoint we resume from), so curves don't double back."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train as configured, resuming from the run directory's newest checkpoint if it has one.
+
+    Returns the final evaluation metrics, or {"preempted": True, "step": n} when a preemption
+    signal stopped the run after a checkpoint at step n.
+    """
+    t, par, ck = cfg.train, cfg.parallel, cfg.checkpoint
     if t.threads:
         torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    denv = init_distributed(device.type)
+    device = resolve_device(t.device, denv.local_rank)
+    layout = ParallelLayout(denv.rank, denv.world_size, par.sp)
+    check_batch_split(t.batch_size, layout.dp, par.grad_accum)
+    sp = layout.sequence_parallel()
+    main = denv.rank == 0
+
     run_dir = Path(cfg.run_dir)
     if (run_dir / "final.pt").exists():
         raise SystemExit(f"{run_dir} already holds a finished run (final.pt); choose another --run-dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    store = CheckpointStore(run_dir / "checkpoints", denv.rank, denv.world_size, keep_last=ck.keep_last, keep_every=ck.keep_every)
+    ckpt: StoredCheckpoint | None = None
+    if ck.resume == "auto" and store.complete_steps():
+        ckpt = store.load()
+    if dist.is_initialized():
+        dist.barrier()  # every rank's store exists (rank 0 cleaned stale temporaries) before anyone saves
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if ckpt is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
 
     seed_everything(t.seed)
-    device = resolve_device(t.device)
     autocast = autocast_for(t.precision, device)
     source = build_source(cfg.data.name, cfg.data.config, t.seed)
     model = build_model(cfg.model.name, cfg.model.config, source.vocab_size).to(device)
-    optimizer = build_optimizer(model, t)
+    if par.zero_stage == 3 and par.sp > 1 and not model.sp_rank_symmetric:
+        raise SystemExit(f"model {cfg.model.name} cannot use parallel.zero_stage=3 with parallel.sp > 1: its ranks call "
+                         "the Agg block a different number of times, and ZeRO-3 gathers parameters collectively at "
+                         "every call; use zero_stage 0-2 (or sp = 1)")
+    if par.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (Block, AffineBlock)))
+    micro_rows = t.batch_size // (layout.dp * par.grad_accum)
+    use_ds_bf16 = par.engine == "deepspeed" and device.type == "cuda" and t.precision != "fp32"
+    engine = build_engine(model, t, par, micro_rows, bf16=use_ds_bf16)
+    if use_ds_bf16:
+        autocast = contextlib.nullcontext()  # DeepSpeed holds bf16 weights with fp32 masters itself
+    start, tokens_seen = 0, 0
+    if ckpt is not None:
+        engine.load_canonical(read_canonical(ckpt))
+        start = resume_step(source, ckpt.meta["data_cursor"], t.batch_size, ckpt.step)
+        tokens_seen = ckpt.meta["tokens"]
+        if ckpt.world_size == denv.world_size:
+            restore_rng(ckpt.read(denv.rank)["rng"], device)
     eval_sets = source.eval_sets(t.eval_batches, t.eval_batch_size)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    evaluates_here = main or par.zero_stage == 3  # ZeRO-3 gathers parameters in the forward: all ranks take part
 
-    logger = MetricsLogger(run_dir, start_wandb(cfg, run_dir))
-    logger.show(f"{cfg.name}: {cfg.model.name} with {n_params / 1e6:.2f}M parameters on {device}, run dir {run_dir}", final=True)
+    logger = MetricsLogger(run_dir, start_wandb(cfg, run_dir)) if main else None
+
+    def show(text: str, final: bool = False) -> None:
+        if logger is not None:
+            logger.show(text, final)
+
+    where = f"{layout.dp} dp x {layout.sp} sp ranks on {device.type}" if denv.world_size > 1 else str(device)
+    show(f"{cfg.name}: {cfg.model.name} with {n_params / 1e6:.2f}M parameters, {where}, engine {par.engine}"
+         f"{f' ZeRO-{par.zero_stage}' if par.engine == 'deepspeed' else ''}, run dir {run_dir}", final=True)
+    if ckpt is not None:
+        note = f" (skipped: {'; '.join(ckpt.skipped)})" if ckpt.skipped else ""
+        show(f"resumed from {ckpt.path} at step {start} (saved by {ckpt.world_size} ranks){note}", final=True)
+
+    batches = source.train_batches(start, t.batch_size, layout.dp_rank, layout.dp)
     throughput = Throughput()
     started = time.perf_counter()
     final_eval: dict[int, dict] = {}
-    batches = source.train_batches(0, t.batch_size)
-    for step in range(t.steps):
+    checked_lengths: set[int] = set()
+    last_loss = float("nan")
+    for step in range(start, t.steps):
         inputs, targets = (x.to(device) for x in next(batches))
+        seq_len = inputs.shape[1]
+        if seq_len not in checked_lengths:
+            try:
+                model.check_sequence_parallel(seq_len, par.sp)
+            except ValueError as e:
+                raise SystemExit(f"parallel.sp = {par.sp}: {e}") from None
+            checked_lengths.add(seq_len)
+        inputs = shard_sequence(inputs, sp, model.sequence_layout)
+        targets = shard_sequence(targets, sp, model.sequence_layout)
+        # Normalise by the scored tokens of the whole global batch, so that summed gradients are its mean.
+        scored = all_sum((targets != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1)
         lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast:
-            loss = masked_loss(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        step_loss = torch.zeros((), device=device)
+        for micro_in, micro_tg in zip(inputs.chunk(par.grad_accum), targets.chunk(par.grad_accum)):
+            with autocast:
+                logits = engine.forward(micro_in, sp=sp)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), micro_tg.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            engine.backward(loss / scored)
+            step_loss += loss.detach() / scored
+        grad_norm = engine.step(lr)
         throughput.add(inputs.numel())
+        tokens_seen += t.batch_size * seq_len
 
         done = step + 1
         record, evaluated = None, False
-        if done % t.log_every == 0 or done == t.steps:
+        logging_step = done % t.log_every == 0 or done == t.steps
+        if logging_step:
             # Checked only when logging: a per-step check would sync the GPU every step.
-            loss_value = loss.item()
+            loss_value = last_loss = all_sum(step_loss.clone()).item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"step {done}: loss is {loss_value}; lower train.lr or check the data")
-            record = {
-                "step": done,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": throughput.rate(),
-                "elapsed_s": time.perf_counter() - started,
-            }
+            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": tokens_seen, "tokens_per_s": throughput.rate() * denv.world_size,
+                      "elapsed_s": time.perf_counter() - started}
+            if hasattr(source, "metrics"):
+                record.update(source.metrics())
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            final_eval, evaluated = evaluate(model, eval_sets, device, autocast), True
+            if evaluates_here:
+                final_eval = evaluate(engine.module, eval_sets, device, autocast)
+            evaluated = True
             record = {**(record or {"step": done}), **eval_summary(final_eval)}
             throughput.rate()  # evaluation time is not training throughput
-        if record is not None:
+        stop = logging_step and done < t.steps and should_stop()
+        if (ck.every and done % ck.every == 0 and done < t.steps) or stop:
+            shard = {"engine": engine.canonical_shard(), "rng": rng_state(device)}
+            meta = {"step": done, "tokens": tokens_seen, "data_cursor": source.cursor(done, t.batch_size),
+                    "world_size": denv.world_size, "dp": layout.dp, "sp": layout.sp, "engine": par.engine,
+                    "zero_stage": par.zero_stage, "config": cfg.to_dict(), "code_version": code_version()}
+            blocked = store.save(done, shard, meta)
+            record = {**(record or {"step": done}), "checkpoint/blocked_s": blocked}
+        if record is not None and logger is not None:
             logger.log(record)
-            line = f"step {done}/{t.steps} loss {loss.item():.4f} lr {lr:.2e}"
+            line = f"step {done}/{t.steps} loss {last_loss:.4f} lr {lr:.2e}"
             if "tokens_per_s" in record:
                 line += f" {record['tokens_per_s']:.0f} tok/s"
-            accs = [f"acc@{k}={v['acc']:.3f}" for k, v in final_eval.items()] if evaluated else []
-            logger.show(" ".join([line, *accs]), final=evaluated)
+            metrics = [f"acc@{k}={v['acc']:.3f}" for k, v in final_eval.items()] if evaluated and final_eval else []
+            if evaluated and cfg.data.name == "shards":
+                metrics = [f"ppl@{k}={v['ppl']:.2f}" for k, v in final_eval.items()]
+            show(" ".join([line, *metrics]), final=evaluated)
+        if stop:
+            store.close()
+            show(f"stopping at step {done} on a preemption signal; checkpoint in {store.root}", final=True)
+            if logger is not None:
+                logger.close()
+            return {"preempted": True, "step": done}
 
-    save_checkpoint(run_dir / "final.pt", model, cfg, t.steps)
-    (run_dir / "eval.json").write_text(json.dumps({str(k): v for k, v in final_eval.items()}, indent=1))
-    logger.show(f"done in {time.perf_counter() - started:.0f}s; checkpoint {run_dir / 'final.pt'}", final=True)
-    logger.close()
+    store.close()
+    weights = engine.full_state_dict()
+    if main:
+        save_checkpoint(run_dir / "final.pt", weights, cfg, t.steps)
+        (run_dir / "eval.json").write_text(json.dumps({str(k): v for k, v in final_eval.items()}, indent=1))
+        summary = {"name": cfg.name, "model": cfg.model.name, "n_params": n_params,
+                   "n_params_non_embedding": n_params - n_embedding, "tokens": tokens_seen, "steps": t.steps,
+                   "train_loss": last_loss, "eval": eval_summary(final_eval)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        show(f"done in {time.perf_counter() - started:.0f}s; checkpoint {run_dir / 'final.pt'}", final=True)
+        logger.close()
     return eval_summary(final_eval)

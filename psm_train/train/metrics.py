@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,13 @@ def start_wandb(cfg, run_dir: Path):
         import wandb
     except ImportError:
         raise SystemExit("wandb.enabled is true but wandb is not installed: pip install 'psm-train[wandb]'") from None
+    # The id lives in the run directory so that a resumed or requeued run continues the same wandb run.
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(6))
     return wandb.init(
+        id=id_file.read_text().strip(),
+        resume="allow",
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         name=cfg.wandb.name or cfg.name,

@@ -1,0 +1,268 @@
+"""Run the results experiments (docs/results.md) as many `psm-train train` processes on one GPU.
+
+    python tools/bench_results.py configs/results/plan_s5.yaml configs/results/plan_mqar.yaml \
+        --out-dir runs/results --budget-s 360 --pack results.tar.gz
+
+Small models are launch-bound on a GPU, so the runs of every plan given run at the same time,
+one process each. Two phases:
+1. probe: every run trains ``--probe-steps`` steps (with the plan's ``probe_set`` overrides, e.g.
+   the longest S5 length) and its rate is read from the elapsed time between its last two
+   metrics.jsonl records (the first half of the probe, with compilation and start-up, is left
+   out);
+2. train: every run of a plan gets the same number of steps, the plan's slowest probe rate times
+   ``--budget-s`` times ``--safety``, rounded down to ``steps.round`` and clipped to
+   [steps.min, steps.max]; fields listed under ``scale`` are set proportionally to the steps
+   (e.g. the S5 curriculum over the first quarter); evaluation runs ``eval_points`` times.
+
+``--mps auto`` probes twice, without and then with an MPS daemon (kernels of different processes
+then share the GPU instead of taking turns), and trains in the mode whose summed probe rate is
+higher by 10% or more; ``on`` always uses MPS when the daemon starts.
+
+A plan (YAML):
+
+    group: s5
+    steps: {min: 500, max: 20000, round: 100}
+    eval_points: 5
+    scale: {data.curriculum_steps: 0.25}
+    probe_set: [data.min_len=18]
+    set: [train.threads=1]                     # every run of the plan
+    runs:
+      - {name: s5_psm_c1_s0, config: configs/results/s5_psm_c1.yaml, set: [train.seed=0]}
+
+Each run's directory under --out-dir holds psm-train's config.yaml (resolved), metrics.jsonl,
+eval.json and log.txt; summary.json records the probe rates, steps, wall times and exit codes.
+``--pack`` writes all of it (checkpoints left out) into one .tar.gz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+GLOBAL_SET: list[str] = []  # --set: applied to every run, after everything else
+CHILDREN: list[subprocess.Popen] = []
+
+
+def load_plan(path: str) -> dict:
+    plan = yaml.safe_load(Path(path).read_text())
+    plan.setdefault("steps", {})
+    plan["steps"] = {"min": 200, "max": 100000, "round": 100, **plan["steps"]}
+    plan.setdefault("eval_points", 5)
+    plan.setdefault("scale", {})
+    plan.setdefault("probe_set", [])
+    plan.setdefault("set", [])
+    plan["source"] = path
+    for run in plan["runs"]:
+        run.setdefault("set", [])
+    return plan
+
+
+def launch(run: dict, plan: dict, run_dir: Path, extra: list[str], env: dict) -> subprocess.Popen:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "psm_train", "train", run["config"], "--run-dir", str(run_dir)]
+    for item in [*plan["set"], *run["set"], *extra, *GLOBAL_SET]:
+        cmd += ["--set", item]
+    (run_dir / "command.txt").write_text(" ".join(cmd[2:]) + "\n")
+    log = (run_dir / "log.txt").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    CHILDREN.append(proc)
+    return proc
+
+
+def wait_all(procs: dict[str, tuple[subprocess.Popen, float]], limit_s: float) -> dict[str, dict]:
+    """Wait for every process; kill (by its own pid) any still running ``limit_s`` after its start."""
+    out = {}
+    while procs:
+        for name, (proc, started) in list(procs.items()):
+            rc = proc.poll()
+            if rc is None and time.time() - started > limit_s:
+                proc.kill()
+                proc.wait()
+                rc = "killed"
+            if rc is not None:
+                out[name] = dict(returncode=rc, wall_s=time.time() - started)
+                del procs[name]
+        time.sleep(0.5)
+    return out
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def probe_rate(run_dir: Path) -> float | None:
+    """Steps per second between the last two logged records."""
+    recs = [r for r in read_records(run_dir) if "elapsed_s" in r]
+    if len(recs) < 2:
+        return None
+    a, b = recs[-2], recs[-1]
+    return (b["step"] - a["step"]) / max(b["elapsed_s"] - a["elapsed_s"], 1e-9)
+
+
+def mps_control() -> str | None:
+    return shutil.which("nvidia-cuda-mps-control") or shutil.which("nvidia-cuda-mps-control", path="/usr/local/nvidia/bin:/usr/bin")
+
+
+def start_mps(env: dict) -> str:
+    """Start an MPS control daemon for the children; returns a status line."""
+    exe = mps_control()
+    if exe is None:
+        return "mps: nvidia-cuda-mps-control not found"
+    for key, sub in (("CUDA_MPS_PIPE_DIRECTORY", "/tmp/mps-pipe"), ("CUDA_MPS_LOG_DIRECTORY", "/tmp/mps-log")):
+        os.makedirs(sub, exist_ok=True)
+        env[key] = sub
+    r = subprocess.run([exe, "-d"], env=env, capture_output=True, text=True)
+    return f"mps: started (rc {r.returncode}) {r.stdout.strip()} {r.stderr.strip()}".strip()
+
+
+def stop_mps(env: dict) -> None:
+    exe = mps_control()
+    if exe and "CUDA_MPS_PIPE_DIRECTORY" in env:
+        subprocess.run([exe], input="quit\n", env=env, text=True, capture_output=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plans", nargs="+")
+    ap.add_argument("--out-dir", default="runs/results")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="training wall time to size the runs for")
+    ap.add_argument("--safety", type=float, default=0.8, help="fraction of the budget the probed rate is trusted for")
+    ap.add_argument("--probe-steps", type=int, default=40)
+    ap.add_argument("--probe-only", action="store_true", help="measure the rates and stop")
+    ap.add_argument("--kill-after", type=float, default=1.5, help="kill a training run after this × budget")
+    ap.add_argument("--mps", choices=["off", "on", "auto"], default="off",
+                    help="run the processes under an MPS daemon (started and stopped here); auto: probe without and "
+                         "with it and train in the faster mode")
+    ap.add_argument("--only", nargs="*", help="run names to run (default all)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run, last (e.g. train.device=cpu for a dry run)")
+    ap.add_argument("--pack", help="write the run directories (no checkpoints) into this .tar.gz")
+    args = ap.parse_args()
+
+    GLOBAL_SET.extend(args.overrides)
+    # `timeout` sends SIGTERM: leave through the finally below (stop MPS, write summary, pack).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    plans = [load_plan(p) for p in args.plans]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    summary: dict = dict(args=vars(args), started=time.strftime("%Y-%m-%d %H:%M:%S"), runs={})
+    runs = [(plan, run) for plan in plans for run in plan["runs"] if not args.only or run["name"] in args.only]
+
+    def save():
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    def probe(tag: str, limit_s: float = 180) -> dict[str, float | None]:
+        t0 = time.time()
+        procs = {}
+        half = max(1, args.probe_steps // 2)
+        for plan, run in runs:
+            extra = [f"train.steps={args.probe_steps}", f"train.log_every={half}", "train.eval_every=0",
+                     "train.eval_batches=1", "train.warmup_steps=1", *plan["probe_set"]]
+            procs[run["name"]] = (launch(run, plan, out_dir / f"probe_{tag}" / run["name"], extra, env), time.time())
+        done = wait_all(procs, limit_s=limit_s)
+        rates = {}
+        for plan, run in runs:
+            rate = rates[run["name"]] = probe_rate(out_dir / f"probe_{tag}" / run["name"])
+            info = summary["runs"].setdefault(run["name"], dict(group=plan["group"], config=run["config"]))
+            info[f"probe_rate_{tag}"] = rate
+            info[f"probe_returncode_{tag}"] = done[run["name"]]["returncode"]
+            print(f"probe {tag} {run['name']}: {rate and round(rate, 2)} steps/s (rc {done[run['name']]['returncode']})", flush=True)
+        summary[f"probe_{tag}_s"] = time.time() - t0
+        save()
+        return rates
+
+    try:
+        # 1. probe (with --mps auto: without and with MPS, keeping the faster)
+        mps_on = False
+        if args.mps in ("on", "auto"):
+            rates = probe("plain") if args.mps == "auto" else None
+            summary["mps"] = start_mps(env)
+            print(summary["mps"], flush=True)
+            mps_on = summary["mps"].startswith("mps: started (rc 0)")
+            if mps_on:
+                rates_mps = probe("mps", limit_s=100)
+                total = lambda r: sum(v for v in r.values() if v)  # noqa: E731
+                if rates is not None and total(rates_mps) < 1.1 * total(rates):
+                    stop_mps(env)
+                    env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+                    mps_on = False
+                else:
+                    rates = rates_mps
+            if rates is None:
+                rates = probe("plain")
+            summary["mps_used"] = mps_on
+            print(f"training with MPS: {mps_on}", flush=True)
+        else:
+            rates = probe("plain")
+        for name, rate in rates.items():
+            summary["runs"][name]["probe_rate"] = rate
+        save()
+        if args.probe_only:
+            return
+
+        # 2. train
+        for plan in plans:
+            rates = [summary["runs"][r["name"]]["probe_rate"] for r in plan["runs"] if r["name"] in summary["runs"]]
+            rates = [r for r in rates if r]
+            if not rates:
+                continue
+            lim = plan["steps"]
+            steps = int(min(rates) * args.budget_s * args.safety) // lim["round"] * lim["round"]
+            plan["chosen_steps"] = max(lim["min"], min(lim["max"], steps))
+            print(f"group {plan['group']}: {plan['chosen_steps']} steps (slowest probe {min(rates):.2f} steps/s)", flush=True)
+        t0 = time.time()
+        procs = {}
+        for plan, run in runs:
+            info = summary["runs"][run["name"]]
+            if "chosen_steps" not in plan or not info["probe_rate"]:
+                info["skipped"] = "probe failed"
+                continue
+            steps = plan["chosen_steps"]
+            extra = [f"train.steps={steps}", f"train.eval_every={max(1, steps // plan['eval_points'])}",
+                     f"train.log_every={max(1, steps // 50)}"]
+            extra += [f"{key}={max(1, int(frac * steps))}" for key, frac in plan["scale"].items()]
+            info.update(steps=steps, overrides=[*plan["set"], *run["set"], *extra, *GLOBAL_SET])
+            procs[run["name"]] = (launch(run, plan, out_dir / run["name"], extra, env), time.time())
+        save()
+        done = wait_all(procs, limit_s=args.budget_s * args.kill_after)
+        summary["train_s"] = time.time() - t0
+        for name, res in done.items():
+            info = summary["runs"][name]
+            info.update(res)
+            ev = out_dir / name / "eval.json"
+            if ev.is_file():
+                info["final"] = {k: {m: v[m] for m in ("loss", "ppl", "acc", "scored")} for k, v in json.loads(ev.read_text()).items()}
+            print(f"{name}: rc {res['returncode']} in {res['wall_s']:.0f}s "
+                  f"{json.dumps(info.get('final', {}))}", flush=True)
+        save()
+    finally:
+        for proc in CHILDREN:  # only processes started here, by their own pid
+            if proc.poll() is None:
+                proc.kill()
+        stop_mps(env)
+        save()
+        if args.pack:
+            with tarfile.open(args.pack, "w:gz") as tar:
+                tar.add(out_dir, arcname=out_dir.name, filter=lambda ti: None if ti.name.endswith(".pt") else ti)
+            print(f"packed {args.pack} ({os.path.getsize(args.pack) / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

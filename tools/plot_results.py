@@ -1,0 +1,223 @@
+"""Figures and tables of docs/results.md from the run directories of tools/bench_results.py and
+the JSON of tools/bench_generation.py.
+
+    python tools/plot_results.py --runs RESULTS_DIR [RESULTS_DIR ...] --generation bench_generation.json --out-dir docs
+
+Writes results_s5.png (accuracy against position at the longest S5 eval length, mean and range
+over seeds), results_mqar.png (query accuracy against training length), results_lm.png
+(validation perplexity and training loss against step) and results_generation.png (ms per token
+and state memory against context length), for whichever of those the inputs hold, and prints
+the markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+S5_NAMES = {"psm_c1": "Transformer-PSM c=1", "transformer": "Transformer", "mamba2": "Mamba2"}
+MQAR_NAMES = {"transformer": "Transformer", "psm_c32": "Transformer-PSM c=32", "psm_c64": "Transformer-PSM c=64", "gla": "GLA"}
+LM_NAMES = {"transformer": "Transformer", "psm_c32": "Transformer-PSM c=32", "psm_c64": "Transformer-PSM c=64",
+            "psm_c128": "Transformer-PSM c=128", "psm_c256": "Transformer-PSM c=256", "gla": "GLA"}
+
+
+def load_runs(dirs: list[Path]) -> dict[str, dict]:
+    """{run name: {"eval", "metrics", "summary", "params", "config"}} over every result dir."""
+    runs = {}
+    for d in dirs:
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {"runs": {}}
+        for name, info in summary["runs"].items():
+            rd = d / name
+            run = dict(summary=info, eval=None, metrics=[], params=None, config={})
+            if (rd / "config.yaml").is_file():
+                run["config"] = yaml.safe_load((rd / "config.yaml").read_text())
+            if (rd / "eval.json").is_file():
+                run["eval"] = json.loads((rd / "eval.json").read_text())
+            if (rd / "metrics.jsonl").is_file():
+                run["metrics"] = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            if (rd / "log.txt").is_file():
+                m = re.search(r"with ([\d.]+)M parameters", (rd / "log.txt").read_text())
+                run["params"] = float(m.group(1)) if m else None
+            runs[name] = run
+    return runs
+
+
+def mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def s5(runs: dict, out_dir: Path) -> None:
+    groups = defaultdict(list)
+    for name, run in runs.items():
+        m = re.fullmatch(r"s5_(.+)_s(\d+)", name)
+        if m and run["eval"]:
+            groups[m.group(1)].append(run)
+    if not groups:
+        return
+    lengths = sorted({int(k) for g in groups.values() for r in g for k in r["eval"]})
+    longest = str(lengths[-1])
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    print("\n### S5: accuracy per evaluation length (mean ± sd over seeds; every position scored)\n")
+    print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths) + " | last position with acc ≥ 0.9 (len " + longest + ") |")
+    print("|---|---|---|---|" + "---|" * len(lengths) + "---|")
+    for key, group in sorted(groups.items()):
+        curves = [r["eval"][longest]["acc_by_position"] for r in group]
+        mean = [statistics.mean(c[t] for c in curves) for t in range(len(curves[0]))]
+        pos = list(range(1, len(mean) + 1))
+        label = S5_NAMES.get(key, key)
+        line, = ax.plot(pos, mean, label=f"{label} (mean of {len(group)})")
+        ax.fill_between(pos, [min(c[t] for c in curves) for t in range(len(pos))],
+                        [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)
+        last_good = max((p for p, a in zip(pos, mean) if a >= 0.9 and all(x >= 0.9 for x in mean[:p])), default=0)
+        accs = [mean_sd([r["eval"][str(L)]["acc"] for r in group]) for L in lengths]
+        steps = group[0]["summary"].get("steps", "?")
+        print(f"| {label} | {group[0]['params']}M | {len(group)} | {steps} | " + " | ".join(accs) + f" | {last_good} |")
+    ax.axvline(18, color="gray", ls="--", lw=1)
+    ax.text(19, 0.95, "longest training length (18)", fontsize=8, color="gray")
+    ax.axhline(1 / 120, color="gray", ls=":", lw=1)
+    ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
+           ylim=(0, 1.02), title="S5 state tracking: length generalisation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_s5.png", dpi=120)
+    print(f"\nwrote {out_dir / 'results_s5.png'}")
+
+
+def mqar(runs: dict, out_dir: Path) -> None:
+    table = defaultdict(dict)
+    params, steps = {}, {}
+    for name, run in runs.items():
+        m = re.fullmatch(r"mqar_(.+)_L(\d+)", name)
+        if m and run["eval"]:
+            L = int(m.group(2))
+            table[m.group(1)][L] = run["eval"][str(L)]["acc"]
+            params[m.group(1)] = run["params"]
+            steps[m.group(1)] = run["summary"].get("steps", "?")
+    if not table:
+        return
+    lengths = sorted({L for row in table.values() for L in row})
+    print("\n### MQAR: query accuracy at the training length (vocab 8192, 8 pairs)\n")
+    print("| model | params | steps | " + " | ".join(f"L={L}" for L in lengths) + " |")
+    print("|---|---|---|" + "---|" * len(lengths))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in MQAR_NAMES:
+        if key not in table:
+            continue
+        row = table[key]
+        print(f"| {MQAR_NAMES[key]} | {params[key]}M | {steps[key]} | " + " | ".join(f"{row[L]:.3f}" if L in row else "–" for L in lengths) + " |")
+        ax.plot(sorted(row), [row[L] for L in sorted(row)], marker="o", label=MQAR_NAMES[key])
+    ax.set(xscale="log", xlabel="sequence length (train = eval)", ylabel="query accuracy", ylim=(0, 1.02),
+           title="MQAR, 8 key-value pairs, vocab 8192")
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_mqar.png", dpi=120)
+    print(f"\nwrote {out_dir / 'results_mqar.png'}")
+
+
+def lm(runs: dict, out_dir: Path) -> None:
+    chosen = {}
+    for name, run in runs.items():
+        m = re.fullmatch(r"lm_(.+)", name)
+        if m and run["metrics"]:
+            chosen[m.group(1)] = run
+    if not chosen:
+        return
+    fig, (ax_v, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    print("\n### LM: validation perplexity (python-stdlib shards, BPE 8192, 512-token sequences)\n")
+    print("| model | params | steps | tokens | val loss | val ppl | train tokens/s (last log) | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in [k for k in LM_NAMES if k in chosen] + [k for k in chosen if k not in LM_NAMES]:
+        run = chosen[key]
+        label = LM_NAMES.get(key, key)
+        ev = [(r["step"], r[k]) for r in run["metrics"] for k in r if k.startswith("eval/") and k.endswith("/loss")]
+        if ev:
+            ax_v.plot([s for s, _ in ev], [math.exp(v) for _, v in ev], marker="o", ms=3, label=label)
+        tr = [(r["step"], r["loss"]) for r in run["metrics"] if "loss" in r]
+        ax_t.plot([s for s, _ in tr], [v for _, v in tr], lw=1, label=label)
+        if run["eval"]:
+            (length, res), = list(run["eval"].items())[:1]
+            steps = run["summary"].get("steps", "?")
+            rates = [r["tokens_per_s"] for r in run["metrics"] if "tokens_per_s" in r]
+            tokens = steps * int(length) * run["config"]["train"]["batch_size"]
+            print(f"| {label} | {run['params']}M | {steps} | {tokens / 1e6:.1f}M | {res['loss']:.3f} | {res['ppl']:.2f} | "
+                  f"{rates[-1] / 1e3:.0f}k | {run['summary'].get('wall_s', 0):.0f} |")
+    ax_v.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity")
+    ax_t.set(xlabel="step", ylabel="training loss", title="training loss")
+    for ax in (ax_v, ax_t):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_lm.png", dpi=120)
+    print(f"\nwrote {out_dir / 'results_lm.png'}")
+
+
+def generation(path: Path, out_dir: Path) -> None:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if "ms_per_token" in r]
+    if not rows:
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
+    series = defaultdict(list)
+    for r in rows:
+        name = r["model"] + (f" c={r['chunk']}" if "chunk" in r else "")
+        series[(name, r["batch"])].append(r)
+    names = sorted({name for name, _ in series})
+    color = {name: f"C{i}" for i, name in enumerate(names)}
+    for (name, batch), rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["context"])
+        ax = axes[batches.index(batch)]
+        ctx = [r["context"] for r in rs]
+        ax.plot(ctx, [r["ms_per_token"] for r in rs], marker="o", color=color[name], label=f"{name} (mean)")
+        if "c=" in name:
+            ax.plot(ctx, [r["ms_max"] for r in rs], ls=":", marker=".", color=color[name], label=f"{name} (worst token)")
+        axes[-1].plot(ctx, [max(r["state_bytes"], 1) / 2**20 for r in rs], marker="o" if batch == batches[0] else "s",
+                      ls="-" if batch == batches[0] else "--", color=color[name], label=f"{name}, batch {batch}")
+    for ax, batch in zip(axes, batches):
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per generated token",
+               title=f"per-token latency, batch {batch}")
+    axes[-1].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="state MiB", title="generation state memory")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"generation on {data['meta']['device']}, bf16, d 768 models", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_generation.png", dpi=120)
+    print(f"\nwrote {out_dir / 'results_generation.png'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="*", type=Path, default=[], help="output dirs of tools/bench_results.py")
+    ap.add_argument("--generation", type=Path, help="JSON of tools/bench_generation.py")
+    ap.add_argument("--out-dir", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(args.runs)
+    s5(runs, args.out_dir)
+    mqar(runs, args.out_dir)
+    lm(runs, args.out_dir)
+    if args.generation:
+        generation(args.generation, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
