@@ -61,72 +61,87 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def s5(runs: dict, out_dir: Path) -> None:
-    groups = defaultdict(list)
-    for name, run in runs.items():
-        m = re.fullmatch(r"s5_(.+)_s(\d+)", name)
-        if m and run["eval"]:
-            groups[m.group(1)].append(run)
-    if not groups:
+def s5(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
+    """One panel per experiment (results directory): accuracy against position, mean and range over seeds."""
+    experiments = [(label, runs) for label, runs in experiments if any(re.fullmatch(r"s5_.+_s\d+", n) for n in runs)]
+    if not experiments:
         return
-    lengths = sorted({int(k) for g in groups.values() for r in g for k in r["eval"]})
-    longest = str(lengths[-1])
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    print("\n### S5: accuracy per evaluation length (mean ± sd over seeds; every position scored)\n")
-    print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths) + " | last position with acc ≥ 0.9 (len " + longest + ") |")
-    print("|---|---|---|---|" + "---|" * len(lengths) + "---|")
-    for key, group in sorted(groups.items()):
-        curves = [r["eval"][longest]["acc_by_position"] for r in group]
-        mean = [statistics.mean(c[t] for c in curves) for t in range(len(curves[0]))]
-        pos = list(range(1, len(mean) + 1))
-        label = S5_NAMES.get(key, key)
-        line, = ax.plot(pos, mean, label=f"{label} (mean of {len(group)})")
-        ax.fill_between(pos, [min(c[t] for c in curves) for t in range(len(pos))],
-                        [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)
-        last_good = max((p for p, a in zip(pos, mean) if a >= 0.9 and all(x >= 0.9 for x in mean[:p])), default=0)
-        accs = [mean_sd([r["eval"][str(L)]["acc"] for r in group]) for L in lengths]
-        steps = group[0]["summary"].get("steps", "?")
-        print(f"| {label} | {group[0]['params']}M | {len(group)} | {steps} | " + " | ".join(accs) + f" | {last_good} |")
-    ax.axvline(18, color="gray", ls="--", lw=1)
-    ax.text(19, 0.95, "longest training length (18)", fontsize=8, color="gray")
-    ax.axhline(1 / 120, color="gray", ls=":", lw=1)
-    ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
-           ylim=(0, 1.02), title="S5 state tracking: length generalisation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(experiments), figsize=(7 * len(experiments), 4.2), squeeze=False)
+    for ax, (label_dir, runs) in zip(axes[0], experiments):
+        groups = defaultdict(list)
+        for name, run in runs.items():
+            m = re.fullmatch(r"s5_(.+)_s(\d+)", name)
+            if m and run["eval"]:
+                groups[m.group(1)].append(run)
+        lengths = sorted({int(k) for g in groups.values() for r in g for k in r["eval"]})
+        longest = str(lengths[-1])
+        steps = next(iter(groups.values()))[0]["summary"].get("steps", "?")
+        print(f"\n### S5 ({label_dir}): accuracy per evaluation length, {steps} steps (mean ± sd over seeds)\n")
+        print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths)
+              + f" | positions 1-3 (len {longest}) | mean acc, positions 19-{longest} |")
+        print("|---|---|---|---|" + "---|" * len(lengths) + "---|---|")
+        for key in [k for k in S5_NAMES if k in groups]:
+            group = groups[key]
+            curves = [r["eval"][longest]["acc_by_position"] for r in group]
+            mean = [statistics.mean(c[t] for c in curves) for t in range(len(curves[0]))]
+            pos = list(range(1, len(mean) + 1))
+            label = S5_NAMES[key]
+            line, = ax.plot(pos, mean, label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+            ax.fill_between(pos, [min(c[t] for c in curves) for t in range(len(pos))],
+                            [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)
+            accs = [mean_sd([r["eval"][str(L)]["acc"] for r in group]) for L in lengths]
+            beyond = statistics.mean(mean[18:])
+            print(f"| {label} | {group[0]['params']}M | {len(group)} | {steps} | " + " | ".join(accs)
+                  + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond:.3f} |")
+        ax.axvline(18, color="gray", ls="--", lw=1)
+        ax.text(19, 0.95, "longest training length (18)", fontsize=8, color="gray")
+        ax.axhline(1 / 120, color="gray", ls=":", lw=1)
+        ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
+               ylim=(0, 1.02), title=f"S5 state tracking, {steps} steps ({label_dir})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "results_s5.png", dpi=120)
     print(f"\nwrote {out_dir / 'results_s5.png'}")
 
 
-def mqar(runs: dict, out_dir: Path) -> None:
-    table = defaultdict(dict)
-    params, steps = {}, {}
-    for name, run in runs.items():
-        m = re.fullmatch(r"mqar_(.+)_L(\d+)", name)
-        if m and run["eval"]:
-            L = int(m.group(2))
-            table[m.group(1)][L] = run["eval"][str(L)]["acc"]
-            params[m.group(1)] = run["params"]
-            steps[m.group(1)] = run["summary"].get("steps", "?")
-    if not table:
+def mqar(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
+    rows = []  # (experiment, model key, {L: acc}, params, steps)
+    for label_dir, runs in experiments:
+        table, params, steps = defaultdict(dict), {}, {}
+        for name, run in runs.items():
+            m = re.fullmatch(r"mqar_(.+)_L(\d+)", name)
+            if m and run["eval"]:
+                L = int(m.group(2))
+                table[m.group(1)][L] = run["eval"][str(L)]["acc"]
+                params[m.group(1)] = run["params"]
+                steps[m.group(1)] = run["summary"].get("steps", "?")
+            elif m:
+                table[m.group(1)].setdefault(int(m.group(2)), None)  # ran, no result (e.g. out of memory)
+                steps.setdefault(m.group(1), run["summary"].get("steps", "?"))
+        for key in [k for k in MQAR_NAMES if k in table]:
+            rows.append((label_dir, key, table[key], params.get(key), steps[key]))
+    if not rows:
         return
-    lengths = sorted({L for row in table.values() for L in row})
+    lengths = sorted({L for r in rows for L in r[2]})
     print("\n### MQAR: query accuracy at the training length (vocab 8192, 8 pairs)\n")
-    print("| model | params | steps | " + " | ".join(f"L={L}" for L in lengths) + " |")
-    print("|---|---|---|" + "---|" * len(lengths))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in MQAR_NAMES:
-        if key not in table:
-            continue
-        row = table[key]
-        print(f"| {MQAR_NAMES[key]} | {params[key]}M | {steps[key]} | " + " | ".join(f"{row[L]:.3f}" if L in row else "–" for L in lengths) + " |")
-        ax.plot(sorted(row), [row[L] for L in sorted(row)], marker="o", label=MQAR_NAMES[key])
+    print("| model | params | steps | results dir | " + " | ".join(f"L={L}" for L in lengths) + " |")
+    print("|---|---|---|---|" + "---|" * len(lengths))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    color = {k: f"C{i}" for i, k in enumerate(MQAR_NAMES)}
+    dirs = list(dict.fromkeys(r[0] for r in rows))
+    for label_dir, key, row, par, steps in rows:
+        cells = [("–" if L not in row else "failed" if row[L] is None else f"{row[L]:.3f}") for L in lengths]
+        print(f"| {MQAR_NAMES[key]} | {par}M | {steps} | {label_dir} | " + " | ".join(cells) + " |")
+        pts = sorted((L, a) for L, a in row.items() if a is not None)
+        ax.plot([L for L, _ in pts], [a for _, a in pts], marker="o" if len(pts) > 1 else "*", ms=6 if len(pts) > 1 else 12,
+                ls="-" if dirs.index(label_dir) == 0 else "none", color=color[key],
+                label=f"{MQAR_NAMES[key]}, {steps} steps")
     ax.set(xscale="log", xlabel="sequence length (train = eval)", ylabel="query accuracy", ylim=(0, 1.02),
            title="MQAR, 8 key-value pairs, vocab 8192")
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "results_mqar.png", dpi=120)
     print(f"\nwrote {out_dir / 'results_mqar.png'}")
@@ -142,7 +157,7 @@ def lm(runs: dict, out_dir: Path) -> None:
         return
     fig, (ax_v, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
     print("\n### LM: validation perplexity (python-stdlib shards, BPE 8192, 512-token sequences)\n")
-    print("| model | params | steps | tokens | val loss | val ppl | train tokens/s (last log) | wall s |")
+    print("| model | params | steps | tokens | val loss | val ppl | val next-token acc | wall s (incl. start, 5-8 evals) |")
     print("|---|---|---|---|---|---|---|---|")
     for key in [k for k in LM_NAMES if k in chosen] + [k for k in chosen if k not in LM_NAMES]:
         run = chosen[key]
@@ -155,10 +170,9 @@ def lm(runs: dict, out_dir: Path) -> None:
         if run["eval"]:
             (length, res), = list(run["eval"].items())[:1]
             steps = run["summary"].get("steps", "?")
-            rates = [r["tokens_per_s"] for r in run["metrics"] if "tokens_per_s" in r]
             tokens = steps * int(length) * run["config"]["train"]["batch_size"]
             print(f"| {label} | {run['params']}M | {steps} | {tokens / 1e6:.1f}M | {res['loss']:.3f} | {res['ppl']:.2f} | "
-                  f"{rates[-1] / 1e3:.0f}k | {run['summary'].get('wall_s', 0):.0f} |")
+                  f"{res['acc']:.3f} | {run['summary'].get('wall_s', 0):.0f} |")
     ax_v.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity")
     ax_t.set(xlabel="step", ylabel="training loss", title="training loss")
     for ax in (ax_v, ax_t):
@@ -169,9 +183,18 @@ def lm(runs: dict, out_dir: Path) -> None:
     print(f"\nwrote {out_dir / 'results_lm.png'}")
 
 
-def generation(path: Path, out_dir: Path) -> None:
-    data = json.loads(path.read_text())
-    rows = [r for r in data["rows"] if "ms_per_token" in r]
+def generation(paths: list[Path], out_dir: Path) -> None:
+    """Points from several bench_generation.py files; for a (model, batch, context) the first file wins."""
+    rows, seen, meta = [], set(), None
+    for path in paths:
+        data = json.loads(path.read_text())
+        meta = meta or data["meta"]
+        for r in data["rows"]:
+            key = (r["model"], r["batch"], r["context"])
+            if "ms_per_token" in r and key not in seen:
+                seen.add(key)
+                rows.append(r)
+    data = {"meta": meta}
     if not rows:
         return
     batches = sorted({r["batch"] for r in rows})
@@ -206,15 +229,17 @@ def generation(path: Path, out_dir: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="*", type=Path, default=[], help="output dirs of tools/bench_results.py")
-    ap.add_argument("--generation", type=Path, help="JSON of tools/bench_generation.py")
+    ap.add_argument("--runs", nargs="*", type=Path, default=[],
+                    help="output dirs of tools/bench_results.py; each is one experiment (one S5 panel, one set of MQAR rows)")
+    ap.add_argument("--generation", nargs="*", type=Path, default=[],
+                    help="JSONs of tools/bench_generation.py (for a point measured in several, the first file wins)")
     ap.add_argument("--out-dir", type=Path, default=Path("docs"))
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(args.runs)
-    s5(runs, args.out_dir)
-    mqar(runs, args.out_dir)
-    lm(runs, args.out_dir)
+    experiments = [(d.name, load_runs([d])) for d in args.runs]
+    s5(experiments, args.out_dir)
+    mqar(experiments, args.out_dir)
+    lm({name: run for _, runs in experiments for name, run in runs.items()}, args.out_dir)
     if args.generation:
         generation(args.generation, args.out_dir)
 
