@@ -334,7 +334,7 @@ def _pm(value: float, std: float | None, fmt: str = ".3f") -> str:
 def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]]) -> str:
     """The parameter table across families, then each fitted family's compute-optimal frontier."""
     width = max(len("family"), *(len(f.family) for f in fits))
-    lines = [f"L(N, D) = E + A/N^alpha + B/D^beta; ± is the bootstrap std (robust); N_opt ∝ C^a",
+    lines = ["L(N, D) = E + A/N^alpha + B/D^beta; ± is the bootstrap std (robust); N_opt ∝ C^a",
              f"{'family':<{width}} {'pts':>4} {'E':>15} {'alpha':>15} {'beta':>15} {'log A':>15} "
              f"{'log B':>15} {'a':>15}"]
     for f in fits:
