@@ -77,24 +77,28 @@ def test_parallel_training_tracks_single_process(tmp_path, model, world, paralle
 
 
 @pytest.mark.parametrize("world, parallel", [(2, {}), (4, {"sp": 2})], ids=["dp2", "dp2xsp2"])
-def test_resume_is_bit_exact(tmp_path, world, parallel):
+def test_resume_is_bit_exact(tmp_path, capfd, world, parallel):
     raw = run_config(tmp_path / "run", "transformer_psm", steps=12, parallel=parallel, checkpoint={"every": 6})
     straight = train_on(world, raw)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_000000006"]
     (tmp_path / "run" / "final.pt").unlink()
+    capfd.readouterr()
     resumed = train_on(world, raw)  # resume: auto picks step 6
+    assert "at step 6 (saved by" in capfd.readouterr().out  # a fresh start would give the same losses too
     assert resumed[6:] == straight[6:]  # ==, not approximately
     assert len(resumed) == 12
 
 
-def test_resume_at_another_world_size_and_engine(tmp_path):
+def test_resume_at_another_world_size_and_engine(tmp_path, capfd):
     """Saved by dp 2 under ZeRO-1; resumed by one process with the torch engine: the curve continues."""
     straight = train_on(1, run_config(tmp_path / "straight", "gla", steps=12))
     raw = run_config(tmp_path / "run", "gla", steps=12, parallel={"engine": "deepspeed", "zero_stage": 1},
                      checkpoint={"every": 6})
     train_on(2, raw)
     (tmp_path / "run" / "final.pt").unlink()
+    capfd.readouterr()
     resumed = train_on(1, run_config(tmp_path / "run", "gla", steps=12, checkpoint={"every": 6}))
+    assert "at step 6 (saved by 2 ranks)" in capfd.readouterr().out
     for step in range(6, 12):
         assert abs(resumed[step] - straight[step]) <= 1e-4 * straight[step], step
 

@@ -92,11 +92,10 @@ def _one_token(
 class AffineMixer(nn.Module):
     """Token mixer through the affine recurrence, with n_heads heads of state [head_k_dim, head_v_dim]."""
 
-    kernel = "auto"  # set from AffineLMConfig.kernel by AffineBlock
-
-    def __init__(self, chunk_size: int, n_heads: int, head_k_dim: int, head_v_dim: int):
+    def __init__(self, cfg: AffineLMConfig, n_heads: int, head_k_dim: int, head_v_dim: int):
         super().__init__()
-        self.chunk_size = chunk_size
+        self.chunk_size = cfg.chunk_size
+        self.kernel = cfg.kernel
         self.n_heads = n_heads
         self.head_k_dim = head_k_dim
         self.head_v_dim = head_v_dim
@@ -153,7 +152,6 @@ class AffineBlock(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer
-        mixer.kernel = cfg.kernel
         if cfg.mlp_ratio > 0:
             self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))

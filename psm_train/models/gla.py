@@ -50,7 +50,7 @@ class GLAConfig(AffineLMConfig):
 
 class GLAMixer(AffineMixer):
     def __init__(self, cfg: GLAConfig):
-        super().__init__(cfg.chunk_size, cfg.n_heads, cfg.key_dim // cfg.n_heads, cfg.value_dim // cfg.n_heads)
+        super().__init__(cfg, cfg.n_heads, cfg.key_dim // cfg.n_heads, cfg.value_dim // cfg.n_heads)
         d = cfg.d_model
         self.q_proj = nn.Linear(d, cfg.key_dim, bias=False)
         self.k_proj = nn.Linear(d, cfg.key_dim, bias=False)

@@ -33,7 +33,7 @@ class LinearAttentionConfig(AffineLMConfig):
 class LinearAttentionMixer(AffineMixer):
     def __init__(self, cfg: LinearAttentionConfig):
         head_dim = cfg.d_model // cfg.n_heads
-        super().__init__(cfg.chunk_size, cfg.n_heads, head_dim, head_dim)
+        super().__init__(cfg, cfg.n_heads, head_dim, head_dim)
         d = cfg.d_model
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)

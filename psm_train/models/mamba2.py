@@ -54,7 +54,7 @@ class Mamba2Config(AffineLMConfig):
 class Mamba2Mixer(AffineMixer):
     def __init__(self, cfg: Mamba2Config):
         n_heads = cfg.d_inner // cfg.head_dim
-        super().__init__(cfg.chunk_size, n_heads, cfg.d_state, cfg.head_dim)
+        super().__init__(cfg, n_heads, cfg.d_state, cfg.head_dim)
         self.d_inner = cfg.d_inner
         self.conv_dim = cfg.d_inner + 2 * cfg.d_state
         self.in_proj = nn.Linear(cfg.d_model, cfg.d_inner + self.conv_dim + n_heads, bias=False)

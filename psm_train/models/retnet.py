@@ -43,7 +43,7 @@ class RetNetConfig(AffineLMConfig):
 
 class RetNetMixer(AffineMixer):
     def __init__(self, cfg: RetNetConfig):
-        super().__init__(cfg.chunk_size, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.value_dim // cfg.n_heads)
+        super().__init__(cfg, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.value_dim // cfg.n_heads)
         d = cfg.d_model
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)

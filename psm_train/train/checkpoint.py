@@ -44,12 +44,12 @@ def _build(raw_config: dict[str, Any], overrides: list[str], where: str) -> tupl
 def _from_sharded(path: Path, overrides: list[str]) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
     """A training checkpoint: a step_* directory, or a run directory's newest complete one."""
     from psm_train.checkpoint import CheckpointStore
-    from psm_train.train.engine import check_names, named_unique_parameters, read_canonical
+    from psm_train.train.engine import check_names, merge_canonical, named_unique_parameters
 
     root, step = (path.parent, int(path.name.split("_")[1])) if path.name.startswith("step_") else (path / "checkpoints", None)
     ckpt = CheckpointStore(root, rank=0, world_size=1).load(step)
     model, cfg = _build(ckpt.meta["config"], overrides, str(ckpt.path))
-    state = read_canonical(ckpt)
+    state = merge_canonical([ckpt.read(r)["engine"] for r in range(ckpt.world_size)])
     check_names(model, state, str(ckpt.path))
     with torch.no_grad():
         for name, p in named_unique_parameters(model):

@@ -41,11 +41,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def read_canonical(ckpt) -> dict[str, Any]:
-    """Merge the per-rank files of a stored checkpoint into {"params", "exp_avg", "exp_avg_sq", "optimizer_step"}."""
+def merge_canonical(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole canonical state {"params", "exp_avg", "exp_avg_sq", "optimizer_step"} from every rank's part."""
     merged: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "optimizer_step": None}
-    for r in range(ckpt.world_size):
-        part = ckpt.read(r)["engine"]
+    for part in parts:
         for key in ("params", *MOMENTS):
             merged[key].update(part[key])
         if part["optimizer_step"] is not None:
@@ -67,6 +66,7 @@ class TorchEngine:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.module = model
+        self.params = [p for _, p in named_unique_parameters(model)]
         self.optimizer = build_optimizer(model, cfg)
         self.grad_clip = cfg.grad_clip
 
@@ -78,7 +78,7 @@ class TorchEngine:
 
     def step(self, lr: float) -> torch.Tensor:
         """Reduce gradients, clip, step, zero; returns the gradient norm before clipping."""
-        params = [p for _, p in named_unique_parameters(self.module)]
+        params = self.params
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -215,9 +215,10 @@ class DeepSpeedEngine:
             for name, p in named_unique_parameters(self.module):
                 yield name, p.detach(), {k: state[p][k] for k in MOMENTS if k in state.get(p, {})}
             return
-        has_moments = self._optimizer_step() is not None
+        step = self._optimizer_step()
+        has_moments = step is not None
         if has_moments:
-            self._link_moments(self._optimizer_step())
+            self._link_moments(step)
         for name, p in named_unique_parameters(self.module):
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS} if has_moments else {}
             yield name, safe_get_full_fp32_param(p), {k: v for k, v in moments.items() if v is not None}

@@ -35,7 +35,7 @@ from psm_train.models import build_model
 from psm_train.models.affine_lm import AffineBlock
 from psm_train.models.layers import Block
 from psm_train.train.checkpoint import save_checkpoint
-from psm_train.train.engine import build_engine, read_canonical
+from psm_train.train.engine import build_engine, merge_canonical
 from psm_train.train.evaluate import evaluate
 from psm_train.train.metrics import MetricsLogger, Throughput, start_wandb
 from psm_train.train.optim import lr_at
@@ -136,6 +136,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Returns the final evaluation metrics, or {"preempted": True, "step": n} when a preemption
     signal stopped the run after a checkpoint at step n.
     """
+    owns_group = not dist.is_initialized()  # else the caller made the process group and tears it down
+    result = _train(cfg)
+    # Left to interpreter exit, gloo's teardown can abort a rank whose peers are already gone
+    # ("terminate called without an active exception"). After an error torchrun stops the ranks.
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
     t, par, ck = cfg.train, cfg.parallel, cfg.checkpoint
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -183,11 +194,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         autocast = contextlib.nullcontext()  # DeepSpeed holds bf16 weights with fp32 masters itself
     start, tokens_seen = 0, 0
     if ckpt is not None:
-        engine.load_canonical(read_canonical(ckpt))
+        files = [ckpt.read(r) for r in range(ckpt.world_size)]
+        engine.load_canonical(merge_canonical([f["engine"] for f in files]))
         start = resume_step(source, ckpt.meta["data_cursor"], t.batch_size, ckpt.step)
         tokens_seen = ckpt.meta["tokens"]
         if ckpt.world_size == denv.world_size:
-            restore_rng(ckpt.read(denv.rank)["rng"], device)
+            restore_rng(files[denv.rank]["rng"], device)
     eval_sets = source.eval_sets(t.eval_batches, t.eval_batch_size)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
@@ -207,6 +219,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         show(f"resumed from {ckpt.path} at step {start} (saved by {ckpt.world_size} ranks){note}", final=True)
 
     batches = source.train_batches(start, t.batch_size, layout.dp_rank, layout.dp)
+    version = code_version()
     throughput = Throughput()
     started = time.perf_counter()
     final_eval: dict[int, dict] = {}
@@ -261,7 +274,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             shard = {"engine": engine.canonical_shard(), "rng": rng_state(device)}
             meta = {"step": done, "tokens": tokens_seen, "data_cursor": source.cursor(done, t.batch_size),
                     "world_size": denv.world_size, "dp": layout.dp, "sp": layout.sp, "engine": par.engine,
-                    "zero_stage": par.zero_stage, "config": cfg.to_dict(), "code_version": code_version()}
+                    "zero_stage": par.zero_stage, "config": cfg.to_dict(), "code_version": version}
             blocked = store.save(done, shard, meta)
             record = {**(record or {"step": done}), "checkpoint/blocked_s": blocked}
         if record is not None and logger is not None:

@@ -11,12 +11,12 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, wandb_run: Any = None, stream=sys.stdout):
+    def __init__(self, run_dir: Path, wandb_run: Any = None, stream=None):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
         self.wandb_run = wandb_run
-        self.stream = stream
-        self.live = stream.isatty()
+        self.stream = sys.stdout if stream is None else stream  # the current one, not the one at import
+        self.live = self.stream.isatty()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must contain "step") to metrics.jsonl and wandb; flushed at once."""
