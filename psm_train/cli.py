@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from psm_train.config import ConfigError, load_config
@@ -20,14 +21,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)  # validated here, before any rank starts
     if args.nproc > 1:
         # torchrun starts the ranks on this machine; each runs this command without --nproc.
-        import os
-
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                 "-m", "psm_train", "train", args.config, *(a for o in overrides for a in ("--set", o))]
         os.execv(sys.executable, argv)
     from psm_train.train.loop import train
 
     train(cfg)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A finished torchrun rank skips interpreter finalization, where torch's gloo and autograd threads can
+        # race the GIL teardown and abort it ("terminate called without an active exception", pytorch#190489).
+        # Everything is written and the process group is destroyed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -118,6 +118,6 @@ def test_killed_save_resumes_from_the_previous_checkpoint(tmp_path):
     assert f"exitcode  : {-signal.SIGKILL}" in crashed.stderr or "SIGKILL" in crashed.stderr, crashed.stderr[-3000:]
     assert list((tmp_path / "run" / "checkpoints").glob("step_000000006")) == []
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout, resumed.stdout
     assert (tmp_path / "run" / "final.pt").is_file()
