@@ -69,10 +69,15 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine: deepspeed)
     grad_accum: int = 1  # micro-batches per optimizer step; train.batch_size is the whole step's
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    # ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them at
+    # each use (DeepSpeed's stage3_param_persistence_threshold).
+    zero3_persistence_threshold: int = 100_000
 
     def validate(self) -> None:
         if self.sp <= 0 or self.grad_accum <= 0:
             raise ValueError("sp and grad_accum: expected positive integers")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError(f"zero3_persistence_threshold: expected an integer >= 0, got {self.zero3_persistence_threshold}")
         if self.engine not in ("torch", "deepspeed"):
             raise ValueError(f"engine: expected torch or deepspeed, got {self.engine!r}")
         if self.zero_stage not in (0, 1, 2, 3):

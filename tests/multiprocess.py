@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch.distributed as dist
@@ -26,6 +27,11 @@ def _entry(rank: int, world_size: int, port: int, fn, args, errors) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # As psm_train.cli does for torchrun ranks: no interpreter finalization, where gloo's and autograd's
+    # threads can abort a finished process (pytorch#190489).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,9 @@ def test_restart_discards_unpublished_shards(tmp_path):
     save_all([rank0, rank1], 1, [{"v": 1}, {"v": 1}])
     rank1.save(2, {"v": "stale"}, {})  # rank 0 "crashes" before saving step 2
     rank1.wait()
-    rank0, rank1 = CheckpointStore(tmp_path, 0, 2), CheckpointStore(tmp_path, 1, 2)  # the restarted job
+    with pytest.warns(UserWarning, match="removed .tmp_step_000000002: a save"):
+        rank0 = CheckpointStore(tmp_path, 0, 2)  # the restarted job
+    rank1 = CheckpointStore(tmp_path, 1, 2)
     rank0.save(2, {"v": 2}, {})
     time.sleep(0.2)
     assert rank0.complete_steps() == [1]  # waiting for rank 1, not trusting the old record
@@ -247,7 +250,12 @@ def test_crash_leaves_a_loadable_checkpoint(tmp_path, point):
     published = 2 if point == "before_latest" else 1  # there only `latest` is stale; the listing is the truth
     assert (tmp_path / "latest").read_text().strip() == "step_000000001"
 
-    store = CheckpointStore(tmp_path, 0, 1)  # the restarted job
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = CheckpointStore(tmp_path, 0, 1)  # the restarted job
+    removed = [w for w in caught if "removed .tmp_step_000000002: a save" in str(w.message)]
+    assert len(removed) == (0 if point == "before_latest" else 1)  # before_latest: already renamed, nothing unfinished
+    assert not list(tmp_path.glob(".tmp_*"))
     checkpoint = store.load()
     assert (checkpoint.step, checkpoint.skipped) == (published, [])
     assert torch.equal(checkpoint.read(0)["w"], torch.full((4096,), float(published)))
@@ -263,6 +271,8 @@ def test_rank_crash_times_out_the_publish(tmp_path):
     assert rank0.returncode == 1
     assert "CheckpointError" in rank0.stderr and "step 2 not published" in rank0.stderr
     assert "ranks [1] have not finished" in rank0.stderr
-    checkpoint = CheckpointStore(tmp_path, 0, 2).load()
+    with pytest.warns(UserWarning, match="removed .tmp_step_000000002: a save"):
+        store = CheckpointStore(tmp_path, 0, 2)
+    checkpoint = store.load()
     assert (checkpoint.step, checkpoint.world_size) == (1, 2)
     assert checkpoint.read(1)["rank"] == 1

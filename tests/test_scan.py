@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from psm_train.scan import OnlineScan, prefix_scan
+from psm_train.scan.tree import downsweep, upsweep
 
 
 
@@ -118,6 +119,37 @@ def test_root_prefix_splits_the_tree_into_aligned_blocks(n_ranks):
         local, has = prefix_scan(x[:, r * per_rank : (r + 1) * per_rank], agg, root_prefix=root)
         assert bool(has[0]) == (r > 0)
         torch.testing.assert_close(local[:, int(r == 0) :], full[:, r * per_rank + int(r == 0) : (r + 1) * per_rank], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_uniform_calls_change_no_value_and_match_the_calls_of_a_rooted_downsweep(n):
+    """Rank 0 of a sequence-parallel group (no root prefix) must call Agg like the ranks after it."""
+    dim = 3
+    agg = MLPAgg(dim)
+    shapes = []
+
+    def recording(a, b):
+        shapes.append(tuple(a.shape))
+        return agg(a, b)
+
+    x = torch.randn(2, n, dim, requires_grad=True)
+    blocks = upsweep(x, agg)
+    plain = downsweep(blocks, n, agg)
+    shapes.clear()
+    uniform = downsweep(blocks, n, recording, uniform_calls=True)
+    uniform_shapes = list(shapes)
+    shapes.clear()
+    downsweep(blocks, n, recording, root_prefix=torch.randn(2, dim))
+    assert uniform_shapes == shapes
+    # Equal up to rounding: a batched call over one more pair may round its matmuls differently.
+    torch.testing.assert_close(uniform, plain, rtol=1e-12, atol=1e-12)
+    if n > 1:  # the discarded pairs stay in the graph (their backward runs) and add exactly zero
+        inputs = (x, agg.w1, agg.w2)
+        uniform_grads = torch.autograd.grad(uniform[:, 1:].sum(), inputs, retain_graph=True, allow_unused=True,
+                                            materialize_grads=True)
+        plain_grads = torch.autograd.grad(plain[:, 1:].sum(), inputs, allow_unused=True, materialize_grads=True)
+        for a, b in zip(uniform_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_root_prefix_needs_power_of_two_block():

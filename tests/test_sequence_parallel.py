@@ -73,6 +73,38 @@ def test_logits_and_gradients_match_single_process(world):
     run_ranks(_check_equal_to_single_process, world, 64)
 
 
+def _module_calls(rank: int, world: int) -> None:
+    sp = ParallelLayout(rank, world, sp=world).sequence_parallel()
+    for name, cfg in MODELS.items():
+        torch.manual_seed(0)
+        model = build_model(name, cfg, VOCAB)
+        calls: Counter = Counter()
+
+        def count(module, args, output, qualname):
+            calls[qualname, "forward"] += 1
+            out = output[0] if isinstance(output, tuple) else output
+            if out.requires_grad:  # where ZeRO-3 gathers the parameters again for the backward
+                out.register_hook(lambda grad: calls.update([(qualname, "backward")]))
+
+        for qualname, module in model.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_hook(lambda m, a, o, q=qualname: count(m, a, o, q))
+        tokens = shard_sequence(torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)), sp,
+                                model.sequence_layout)
+        model(tokens, sp=sp).sum().backward()
+        every = [None] * world
+        dist.all_gather_object(every, sorted(calls.items()))
+        for r in range(1, world):
+            assert every[r] == every[0], f"{name}: rank {r} calls its modules differently from rank 0"
+        assert any(key[1] == "backward" for key, _ in every[0])
+
+
+def test_every_rank_calls_each_module_equally_often():
+    """ZeRO-3 gathers a module's parameters collectively at each forward and backward call, so the ranks
+    of an SP group must make the same calls (transformer_psm: rank 0 has no prefix, later ranks have one)."""
+    run_ranks(_module_calls, 4)
+
+
 def _count_collectives(rank: int, world: int, counts) -> None:
     sp = ParallelLayout(rank, world, sp=world).sequence_parallel()
     calls: Counter = Counter()

@@ -194,9 +194,12 @@ class CheckpointStore:
         self.keep_last, self.keep_every, self.publish_timeout_s = keep_last, keep_every, publish_timeout_s
         self.root.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            for name in os.listdir(self.root):
-                if _TMP_DIR.match(name):
-                    shutil.rmtree(self.root / name, ignore_errors=True)
+            unfinished = sorted(name for name in os.listdir(self.root) if _TMP_DIR.match(name))
+            for name in unfinished:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+            if unfinished:
+                warnings.warn(f"{self.root}: removed {', '.join(unfinished)}: a save (or a deletion) that was "
+                              "interrupted before it finished; it was never a published checkpoint", stacklevel=2)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"ckpt-writer-rank{rank}")
         self._pending: concurrent.futures.Future | None = None

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from psm_train.distributed.collectives import all_gather_stack, graph_anchor
+from psm_train.distributed.collectives import all_gather_stack
 from psm_train.distributed.sequence import SequenceParallel
+from psm_train.graph_anchor import graph_anchor
 from psm_train.kernels.chunk_affine import chunk_affine
 from psm_train.scan.affine import apply
 

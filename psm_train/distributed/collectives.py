@@ -37,14 +37,3 @@ class _AllGatherStack(torch.autograd.Function):
 def all_gather_stack(x: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
     """[P, *x.shape]: x of every rank of ``group`` in rank order; gradients flow back to the owners."""
     return _AllGatherStack.apply(x, group, rank, size)
-
-
-
-def graph_anchor(x: torch.Tensor) -> torch.Tensor:
-    """An exact 0-dim zero that depends on x in autograd (the sum of an empty slice of it).
-
-    A rank that does not use its all-gather's result (rank 0 has no ranks before it) adds this
-    to its output, so that its backward still enters the all-gather's backward collective;
-    otherwise the other ranks wait there forever.
-    """
-    return x.flatten()[:0].sum()

@@ -3,21 +3,25 @@
 Rank r holds chunks [r·m, (r+1)·m) with m a power of two: an aligned block, hence one subtree of
 the single-device tree. Its upsweep is local. The P subtree roots are the nodes of the tree's level
 log2(m); everything above them is the tree over the P roots. After ONE all-gather of the roots,
-rank r evaluates that tree's prefix of root r (`prefix_scan` over roots 0..r: a prefix depends only
-on the aligned blocks before it, so this is the same parenthesisation), and the local downsweep
-from it finishes the exact single-device tree.
+every rank evaluates that tree's prefixes (`prefix_scan` over the P roots: a prefix depends only on
+the aligned blocks before it, so this is the same parenthesisation), and the local downsweep from
+the prefix of root r finishes the exact single-device tree.
 
-The top of the tree is evaluated redundantly on every rank, but rank r's copy only feeds rank r's
-outputs, so summing gradients over ranks counts each use exactly once; the all-gather's backward
-returns the gradient of each root to the rank that owns it.
+Every rank makes the same Agg calls on the same shapes, forward and backward: the top of the tree
+is evaluated whole on every rank, and rank 0's downsweep (whose root prefix is the identity) runs
+with ``uniform_calls``. ZeRO-3 gathers a module's parameters collectively at every call, so it
+needs this. Rank r's copy of the top only feeds rank r's outputs (the rest is anchored in the
+graph as an exact zero), so summing gradients over ranks counts each use exactly once; the
+all-gather's backward returns the gradient of each root to the rank that owns it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from psm_train.distributed.collectives import all_gather_stack, graph_anchor
+from psm_train.distributed.collectives import all_gather_stack
 from psm_train.distributed.sequence import SequenceParallel
+from psm_train.graph_anchor import graph_anchor
 from psm_train.scan.tree import Aggregator, downsweep, prefix_scan, upsweep
 
 
@@ -41,9 +45,10 @@ def sp_prefix_scan(x: torch.Tensor, agg: Aggregator, sp: SequenceParallel) -> tu
     check_tree_slices(n, sp.size)
     blocks = upsweep(x, agg)
     roots = all_gather_stack(blocks[-1][:, 0], sp.group, sp.rank, sp.size).transpose(0, 1)  # [B, P, *S]
+    root_prefixes, _ = prefix_scan(roots, agg)
+    anchor = graph_anchor(root_prefixes)
     has_prefix = torch.ones(n, dtype=torch.bool, device=x.device)
     if sp.rank == 0:
         has_prefix[0] = False
-        return downsweep(blocks, n, agg, None) + graph_anchor(roots), has_prefix
-    root_prefixes, _ = prefix_scan(roots[:, : sp.rank + 1], agg)
-    return downsweep(blocks, n, agg, root_prefixes[:, sp.rank]), has_prefix
+        return downsweep(blocks, n, agg, None, uniform_calls=True) + anchor, has_prefix
+    return downsweep(blocks, n, agg, root_prefixes[:, sp.rank]) + anchor, has_prefix

@@ -32,10 +32,6 @@ class CausalLM(nn.Module):
     """
 
     sequence_layout = "contiguous"
-    # False when the ranks of an SP group call some module a different number of times (the tree
-    # exchange runs the Agg block more often on later ranks); ZeRO-3, which gathers parameters
-    # collectively at every module call, cannot train such a model under sequence parallelism.
-    sp_rank_symmetric = True
 
     def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from torch import nn
 
 from psm_train.distributed.sequence import SequenceParallel
 from psm_train.distributed.tree_exchange import check_tree_slices, sp_prefix_scan
+from psm_train.graph_anchor import graph_anchor
 from psm_train.models.base import CausalLM, tensor_nbytes
 from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
 from psm_train.scan import OnlineScan, prefix_scan
@@ -46,8 +47,6 @@ class TransformerPSMConfig:
 
 
 class TransformerPSM(CausalLM):
-    sp_rank_symmetric = False  # see CausalLM: the tree exchange runs Agg more often on later ranks
-
     def __init__(self, cfg: TransformerPSMConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
@@ -108,15 +107,16 @@ class TransformerPSM(CausalLM):
         # state feeds no real prefix.
         x = F.pad(self.embed(tokens), (0, 0, 0, n * c - t)).view(b, n, c, d)
         prefixes, has_prefix = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
-        # Only the sequence's first chunk lacks a prefix (P_0, the identity): Inf sees it alone.
-        first = 0 if bool(has_prefix[0]) else 1
-        hidden = [self.infer(None, x[:, 0])] if first else []
-        if n > first:
-            m = n - first
-            rest = self.infer(prefixes[:, first:].reshape(b * m, c, d), x[:, first:].reshape(b * m, c, d))
-            hidden.append(rest.reshape(b, m * c, d))
-        h = torch.cat(hidden, dim=1)[:, :t]
-        return self.head(self.norm(h))
+        # Inf over every chunk with its prefix, in one batched call. The sequence's first chunk has no prefix
+        # (P_0, the identity): Inf sees it alone, and its slot's result (from the placeholder) is not used.
+        # Under SP every rank makes both calls, because ZeRO-3 gathers parameters collectively at each call;
+        # a result not used stays in the graph as an exact zero, so that its backward runs on every rank too.
+        h = self.infer(prefixes.reshape(b * n, c, d), x.reshape(b * n, c, d)).reshape(b, n * c, d)
+        if not bool(has_prefix[0]):
+            h = torch.cat((self.infer(None, x[:, 0]), h[:, c:]), dim=1) + graph_anchor(h[:, :c])
+        elif sp is not None:
+            h = h + graph_anchor(self.infer(None, x[:, 0]))
+        return self.head(self.norm(h[:, :t]))
 
     def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
         return TransformerPSMGenerationState(self)

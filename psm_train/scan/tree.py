@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from psm_train.graph_anchor import graph_anchor
+
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -44,14 +46,23 @@ def upsweep(x: torch.Tensor, agg: Aggregator) -> list[torch.Tensor]:
 
 
 def downsweep(
-    blocks: list[torch.Tensor], n: int, agg: Aggregator, root_prefix: torch.Tensor | None = None
+    blocks: list[torch.Tensor],
+    n: int,
+    agg: Aggregator,
+    root_prefix: torch.Tensor | None = None,
+    uniform_calls: bool = False,
 ) -> torch.Tensor:
     """Exclusive prefixes [B, n, *S] from the upsweep's blocks.
 
     The root of the tree (padded to a power of two) gets ``root_prefix`` (None: identity). A
     left child inherits its parent's prefix; a right child gets Agg(parent prefix, left sibling).
     Without a root prefix the node starting at chunk 0 has the identity as prefix; its slot holds
-    a placeholder (zeros) that is never passed to Agg.
+    a placeholder (zeros) whose Agg result is never used.
+
+    uniform_calls: call agg on the same shapes with or without a root prefix (sequence-parallel
+    ranks under ZeRO-3 must call the Agg module equally often, forward and backward). Without a
+    root prefix the placeholder's pairs are then computed too, and their results only anchored in
+    the graph (an exact zero), never used.
     """
     x = blocks[0]
     levels = max(n - 1, 0).bit_length()  # tree height after padding n to a power of two
@@ -65,13 +76,15 @@ def downsweep(
         n_right = n_children // 2
         left_sibling = blocks[k - 1][:, 0 : 2 * n_right : 2]
         parent = prefix[:, :n_right]
-        if root_prefix is None:
+        if root_prefix is None and not uniform_calls:
             # The first right child's parent has the identity prefix: Agg(e, y) = y.
             right = left_sibling[:, :1]
             if n_right > 1:
                 right = torch.cat((right, _agg_batched(agg, parent[:, 1:], left_sibling[:, 1:])), dim=1)
         else:
             right = _agg_batched(agg, parent, left_sibling)
+            if root_prefix is None:
+                right = torch.cat((left_sibling[:, :1] + graph_anchor(right[:, :1]), right[:, 1:]), dim=1)
         if n_right < prefix.shape[1]:
             right = torch.cat((right, torch.zeros_like(prefix[:, :1])), dim=1)
         prefix = torch.stack((prefix, right), dim=2).flatten(1, 2)[:, :n_children]

@@ -1,4 +1,10 @@
-"""Loss and accuracy on scored positions (targets != IGNORE_INDEX), per evaluation length."""
+"""Loss and accuracy on scored positions (targets != IGNORE_INDEX), per evaluation length.
+
+With several ranks every rank takes part: the held-out batches are dealt out over the
+data-parallel ranks, and a sequence is split across its sequence-parallel group when the model
+allows that length to be split (otherwise each rank of the group runs it whole and one counts it).
+The sums are then added over the world, so every rank returns the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,23 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from psm_train.data.synthetic import IGNORE_INDEX
+from psm_train.distributed.layout import ParallelLayout
+from psm_train.distributed.sequence import SequenceParallel, slice_positions
 
 
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over scored positions. logits [B, T, V], targets [B, T]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+def _splits(model: nn.Module, seq_len: int, sp: SequenceParallel | None) -> bool:
+    if sp is None:
+        return False
+    try:
+        model.check_sequence_parallel(seq_len, sp.size)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -23,38 +37,59 @@ def evaluate(
     eval_sets: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    layout: ParallelLayout | None = None,
+    sp: SequenceParallel | None = None,
 ) -> dict[int, dict]:
     """{seq_len: {"loss", "ppl", "acc", "scored", "acc_by_position"}} over each fixed held-out set.
 
     acc_by_position[t] is the accuracy at position t over the scored targets there (None where
-    no target is scored), the curve a length-generalisation plot needs.
+    no target is scored), the curve a length-generalisation plot needs. ``layout`` and ``sp``
+    (this rank's place in a multi-rank run) make it collective: every rank must call it.
     """
+    dp_rank, dp = (layout.dp_rank, layout.dp) if layout is not None else (0, 1)
     was_training = model.training
     model.eval()
     results = {}
     for seq_len, batches in eval_sets.items():
-        loss_sum, correct_sum, scored = 0.0, 0, 0
-        pos_correct = torch.zeros(seq_len, dtype=torch.long)
-        pos_scored = torch.zeros(seq_len, dtype=torch.long)
-        for inputs, targets in batches:
-            inputs, targets = inputs.to(device), targets.to(device)
+        split = _splits(model, seq_len, sp)
+        positions = torch.arange(seq_len)
+        if split:
+            positions = slice_positions(seq_len, sp.rank, sp.size, model.sequence_layout)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, scored
+        per_position = torch.zeros(2, seq_len, dtype=torch.long)  # correct, scored
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each);
+        # a rank left without a batch of its own repeats the last one without counting it.
+        for first in range(0, len(batches), dp):
+            index = first + dp_rank
+            counted = index < len(batches) and (split or sp is None or sp.rank == 0)
+            inputs, targets = batches[min(index, len(batches) - 1)]
+            inputs, targets = inputs[:, positions].to(device), targets[:, positions].to(device)
             with autocast or contextlib.nullcontext():
-                logits = model(inputs)
+                logits = model(inputs, sp=sp) if split else model(inputs)
+            if not counted:
+                continue
             mask = targets != IGNORE_INDEX
-            n = int(mask.sum())
-            loss_sum += float(masked_loss(logits, targets)) * n
             hits = (logits.argmax(-1) == targets) & mask
-            correct_sum += int(hits.sum())
-            scored += n
-            pos_correct += hits.sum(0).cpu()
-            pos_scored += mask.sum(0).cpu()
+            scores = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(scores, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            sums += torch.tensor([float(loss), int(hits.sum()), int(mask.sum())], dtype=torch.float64)
+            per_position[0, positions] += hits.sum(0).cpu()
+            per_position[1, positions] += mask.sum(0).cpu()
+        if layout is not None and layout.world_size > 1:
+            backend_device = device if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu")
+            for t in (sums, per_position):
+                reduced = t.to(backend_device)
+                dist.all_reduce(reduced)
+                t.copy_(reduced.cpu())
+        loss_sum, correct, scored = sums.tolist()
+        correct_at, scored_at = per_position.tolist()
         loss = loss_sum / max(scored, 1)
         results[seq_len] = {
             "loss": loss,
             "ppl": math.exp(loss) if loss < 700 else math.inf,  # perplexity; meaningful when every token is scored
-            "acc": correct_sum / max(scored, 1),
-            "scored": scored,
-            "acc_by_position": [c / s if s else None for c, s in zip(pos_correct.tolist(), pos_scored.tolist())],
+            "acc": correct / max(scored, 1),
+            "scored": int(scored),
+            "acc_by_position": [c / s if s else None for c, s in zip(correct_at, scored_at)],
         }
     model.train(was_training)
     return results

@@ -179,10 +179,9 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     autocast = autocast_for(t.precision, device)
     source = build_source(cfg.data.name, cfg.data.config, t.seed)
     model = build_model(cfg.model.name, cfg.model.config, source.vocab_size).to(device)
-    if par.zero_stage == 3 and par.sp > 1 and not model.sp_rank_symmetric:
-        raise SystemExit(f"model {cfg.model.name} cannot use parallel.zero_stage=3 with parallel.sp > 1: its ranks call "
-                         "the Agg block a different number of times, and ZeRO-3 gathers parameters collectively at "
-                         "every call; use zero_stage 0-2 (or sp = 1)")
+    # Counted before ZeRO-3 partitions the parameters (a partitioned one reports no elements).
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
     if par.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -201,9 +200,6 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         if ckpt.world_size == denv.world_size:
             restore_rng(files[denv.rank]["rng"], device)
     eval_sets = source.eval_sets(t.eval_batches, t.eval_batch_size)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
-    evaluates_here = main or par.zero_stage == 3  # ZeRO-3 gathers parameters in the forward: all ranks take part
 
     logger = MetricsLogger(run_dir, start_wandb(cfg, run_dir)) if main else None
 
@@ -264,8 +260,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             if hasattr(source, "metrics"):
                 record.update(source.metrics())
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            if evaluates_here:
-                final_eval = evaluate(engine.module, eval_sets, device, autocast)
+            final_eval = evaluate(engine.module, eval_sets, device, autocast, layout, sp)
             evaluated = True
             record = {**(record or {"step": done}), **eval_summary(final_eval)}
             throughput.rate()  # evaluation time is not training throughput

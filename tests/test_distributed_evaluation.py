@@ -1,0 +1,61 @@
+"""Evaluation shared by dp x sp ranks (gloo, CPU) returns the single-process numbers on every rank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from psm_train.data.synthetic import IGNORE_INDEX
+from psm_train.distributed.layout import ParallelLayout
+from psm_train.models import build_model
+from psm_train.train.evaluate import evaluate
+from tests.multiprocess import run_ranks
+from tests.test_sequence_parallel import MODELS, VOCAB
+
+
+def eval_sets() -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Three batches (uneven over 2 dp ranks) at a length every model splits over sp = 2 (64) and at
+    one that only the affine model splits (18: not whole PSM chunks, not divisible by 2·sp for zigzag)."""
+    g = torch.Generator().manual_seed(3)
+    sets = {}
+    for seq_len in (64, 18):
+        batches = []
+        for _ in range(3):
+            inputs = torch.randint(0, VOCAB, (2, seq_len), generator=g)
+            targets = torch.randint(0, VOCAB, (2, seq_len), generator=g)
+            targets[torch.rand(2, seq_len, generator=g) < 0.3] = IGNORE_INDEX
+            batches.append((inputs, targets))
+        sets[seq_len] = batches
+    return sets
+
+
+def expected() -> dict[str, dict[int, dict]]:
+    out = {}
+    for name in ("transformer_psm", "gla", "transformer"):
+        torch.manual_seed(0)
+        out[name] = evaluate(build_model(name, MODELS[name], VOCAB).double(), eval_sets(), torch.device("cpu"))
+    return out
+
+
+def _evaluate_on_ranks(rank: int, world: int, want: dict) -> None:
+    layout = ParallelLayout(rank, world, sp=2)
+    sp = layout.sequence_parallel()
+    for name, single in want.items():
+        torch.manual_seed(0)
+        model = build_model(name, MODELS[name], VOCAB).double()
+        seen = set()
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.add((args[0].shape[1], kwargs.get("sp") is not None)),
+                                        with_kwargs=True)
+        got = evaluate(model, eval_sets(), torch.device("cpu"), None, layout, sp)
+        assert seen == {(32, True), (9, True) if name == "gla" else (18, False)}, f"{name}: {seen}"
+        for seq_len, w in single.items():
+            g = got[seq_len]
+            where = f"rank {rank} {name} @{seq_len}"
+            assert g["scored"] == w["scored"] and g["acc"] == w["acc"], where
+            assert g["acc_by_position"] == w["acc_by_position"], where
+            assert math.isclose(g["loss"], w["loss"], rel_tol=1e-10), f"{where}: {g['loss']} vs {w['loss']}"
+
+
+def test_dp2_x_sp2_evaluation_equals_single_process():
+    run_ranks(_evaluate_on_ranks, 4, expected())
