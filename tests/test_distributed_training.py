@@ -57,23 +57,26 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+ZERO3 = {"engine": "deepspeed", "zero_stage": 3, "zero3_persistence_threshold": 0}  # tiny parameters partitioned too
+
+
 @pytest.mark.parametrize(
-    "model, world, parallel",
+    "model, world, parallel, steps",
     [
-        ("transformer_psm", 2, {"sp": 2}),
-        ("gla", 4, {"sp": 2}),  # dp 2 x sp 2
-        ("transformer_psm", 2, {"sp": 2, "engine": "deepspeed", "zero_stage": 1, "grad_accum": 2}),
-        # Threshold 0: ZeRO-3 partitions even these tiny parameters and gathers them at every module call.
-        ("gla", 2, {"engine": "deepspeed", "zero_stage": 3, "zero3_persistence_threshold": 0}),
-        ("transformer_psm", 2, {"sp": 2, "engine": "deepspeed", "zero_stage": 3, "zero3_persistence_threshold": 0}),
-        ("gla", 2, {"sp": 2, "engine": "deepspeed", "zero_stage": 2, "activation_checkpointing": True}),
+        ("transformer_psm", 2, {"sp": 2}, 8),
+        ("gla", 4, {"sp": 2}, 8),  # dp 2 x sp 2
+        ("transformer_psm", 4, {"sp": 2, "engine": "deepspeed", "zero_stage": 1, "grad_accum": 2}, 20),
+        ("transformer_psm", 4, {"sp": 2, **ZERO3}, 20),
+        ("gla", 2, ZERO3, 8),
+        ("gla", 2, {"sp": 2, "engine": "deepspeed", "zero_stage": 2, "activation_checkpointing": True}, 8),
     ],
-    ids=["psm-sp2", "gla-dp2xsp2", "psm-sp2-zero1-accum2", "gla-dp2-zero3", "psm-sp2-zero3", "gla-sp2-zero2-ac"],
+    ids=["psm-sp2", "gla-dp2xsp2", "psm-dp2xsp2-zero1-accum2", "psm-dp2xsp2-zero3", "gla-dp2-zero3",
+         "gla-sp2-zero2-ac"],
 )
-def test_parallel_training_tracks_single_process(tmp_path, model, world, parallel):
-    single = train_on(1, run_config(tmp_path / "single", model))
-    multi = train_on(world, run_config(tmp_path / "multi", model, parallel=parallel))
-    assert len(multi) == len(single) == 8
+def test_parallel_training_tracks_single_process(tmp_path, model, world, parallel, steps):
+    single = train_on(1, run_config(tmp_path / "single", model, steps=steps))
+    multi = train_on(world, run_config(tmp_path / "multi", model, steps=steps, parallel=parallel))
+    assert len(multi) == len(single) == steps
     for step, (a, b) in enumerate(zip(multi, single), 1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs single-process {b}"
 
