@@ -203,6 +203,7 @@ class CheckpointStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"ckpt-writer-rank{rank}")
         self._pending: concurrent.futures.Future | None = None
+        self.write_seconds: list[float] = []  # per save: this rank's background write (and rank 0's publish)
 
     # -- saving ------------------------------------------------------------------------------------------------
 
@@ -237,6 +238,7 @@ class CheckpointStore:
                 self._executor = None
 
     def _write(self, step: int, shard: dict[str, Any], meta_json: bytes) -> None:
+        started = time.perf_counter()
         tmp = self.root / f".tmp_{_step_dir_name(step)}"
         tmp.mkdir(exist_ok=True)
         _crash_point("before_shard", self.rank)
@@ -246,6 +248,7 @@ class CheckpointStore:
         _replace_durable(tmp / _done_file(self.rank), done)
         if self.rank == 0:
             self._publish(step, tmp, meta_json)
+        self.write_seconds.append(time.perf_counter() - started)
 
     def _publish(self, step: int, tmp: Path, meta_json: bytes) -> None:
         """Rank 0, after its own shard: wait for every rank's record, then manifest, rename, latest, retention."""
