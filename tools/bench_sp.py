@@ -56,11 +56,10 @@ class ExchangeTimer:
 
     def __init__(self, device: torch.device):
         self.device, self.active, self.seconds = device, False, 0.0
-        self.originals = {op: getattr(dist, op) for op in SP_COLLECTIVES}
-        for op, fn in self.originals.items():
-            setattr(dist, op, self._timed(fn))
+        for op in SP_COLLECTIVES:
+            setattr(dist, op, self._timed(getattr(dist, op)))
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -68,10 +67,10 @@ class ExchangeTimer:
         def wrapper(*args, **kwargs):
             if not self.active:
                 return fn(*args, **kwargs)
-            self._sync()
+            self.sync()
             started = time.perf_counter()
             out = fn(*args, **kwargs)
-            self._sync()
+            self.sync()
             self.seconds += time.perf_counter() - started
             return out
 
@@ -103,14 +102,14 @@ def worker(args: argparse.Namespace) -> None:
         step_s, exchange_s = [], []
         for step in range(args.warmup + args.steps):
             timer.seconds, timer.active = 0.0, True
-            timer._sync()
+            timer.sync()
             started = time.perf_counter()
             with autocast:
                 logits = engine.forward(inputs, sp=sp)
             F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
             timer.active = False
             engine.step(1e-4)
-            timer._sync()
+            timer.sync()
             if step >= args.warmup:
                 step_s.append(time.perf_counter() - started)
                 exchange_s.append(timer.seconds)

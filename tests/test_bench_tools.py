@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at toy sizes on CPU and write the JSON they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).parent.parent / "tools"
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_bench_sp_measures_the_exchange(tmp_path):
+    out = tmp_path / "sp.json"
+    done = run_tool("bench_sp.py", "--sp", "1", "2", "--models", "gla", "transformer_psm", "--tokens-per-rank", "128",
+                    "--d-model", "32", "--layers", "2", "--heads", "2", "--chunk", "16", "--steps", "1", "--warmup", "0",
+                    "--json", str(out))
+    rows = {(r["model"], r["sp"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("gla", 1), ("gla", 2), ("transformer_psm", 1), ("transformer_psm", 2)}
+    assert all(rows[m, 1]["exchange_s"] == 0 and rows[m, 2]["exchange_s"] > 0 for m in ("gla", "transformer_psm"))
+    assert rows["gla", 2]["seq_len"] == 256 and "| gla | " in done.stdout
+
+
+def test_bench_checkpoint_reports_blocked_and_write_time(tmp_path):
+    out = tmp_path / "ckpt.json"
+    run_tool("bench_checkpoint.py", "--d-model", "32", "--layers", "1", "--heads", "2", "--steps", "4",
+             "--save-every", "2", "--dir", str(tmp_path), "--json", str(out))
+    result = json.loads(out.read_text())["result"]
+    assert result["saves"] == 2 and result["state_GB"] > 0
+    assert result["blocked_s_per_save"] >= 0 and result["write_s_per_save"] > 0
