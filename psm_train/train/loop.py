@@ -224,7 +224,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     for step in range(start, t.steps):
         inputs, targets = (x.to(device) for x in next(batches))
         seq_len = inputs.shape[1]
-        if sp is not None and seq_len not in checked_lengths:  # one process takes any length
+        if sp is not None and seq_len not in checked_lengths:  # without SP any length works
             try:
                 model.check_sequence_parallel(seq_len, par.sp)
             except ValueError as e:
