@@ -106,16 +106,24 @@ class TransformerPSM(CausalLM):
         # Padding comes after every real token: causal Inf never sees it, and the last chunk's
         # state feeds no real prefix.
         x = F.pad(self.embed(tokens), (0, 0, 0, n * c - t)).view(b, n, c, d)
-        prefixes, has_prefix = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
-        # Inf over every chunk with its prefix, in one batched call. The sequence's first chunk has no prefix
-        # (P_0, the identity): Inf sees it alone, and its slot's result (from the placeholder) is not used.
-        # Under SP every rank makes both calls, because ZeRO-3 gathers parameters collectively at each call;
-        # a result not used stays in the graph as an exact zero, so that its backward runs on every rank too.
-        h = self.infer(prefixes.reshape(b * n, c, d), x.reshape(b * n, c, d)).reshape(b, n * c, d)
-        if not bool(has_prefix[0]):
-            h = torch.cat((self.infer(None, x[:, 0]), h[:, c:]), dim=1) + graph_anchor(h[:, :c])
-        elif sp is not None:
-            h = h + graph_anchor(self.infer(None, x[:, 0]))
+        prefixes, _ = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
+        if sp is None:  # the sequence's first chunk has no prefix (P_0, the identity): Inf sees it alone
+            hidden = [self.infer(None, x[:, 0])]
+            if n > 1:
+                rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
+                hidden.append(rest.reshape(b, (n - 1) * c, d))
+            h = torch.cat(hidden, dim=1)
+        else:
+            # ZeRO-3 gathers parameters collectively at each module call, so every rank of the group makes the
+            # same two Inf calls: all its chunks with their prefixes (rank 0's first slot holds a placeholder),
+            # and its first chunk alone. A result not used stays in the graph as an exact zero, so that its
+            # backward runs on every rank too.
+            h = self.infer(prefixes.reshape(b * n, c, d), x.reshape(b * n, c, d)).reshape(b, n * c, d)
+            alone = self.infer(None, x[:, 0])
+            if sp.rank > 0:  # its first chunk has a prefix (known from the rank: no device-to-host sync)
+                h = h + graph_anchor(alone)
+            else:
+                h = torch.cat((alone, h[:, c:]), dim=1) + graph_anchor(h[:, :c])
         return self.head(self.norm(h[:, :t]))
 
     def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
