@@ -19,6 +19,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each [rows, T] i
 
 class DataSource(Protocol):
     vocab_size: int
+    # True when most targets are IGNORE_INDEX (MQAR scores only its queries): the trainer then
+    # computes logits at the scored positions alone instead of over the whole vocabulary everywhere.
+    sparse_targets: bool
 
     def train_batches(self, start_step: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
         """Batches of steps start_step, start_step + 1, ...: rows [dp_rank * b, (dp_rank + 1) * b) of
@@ -36,6 +39,7 @@ class DataSource(Protocol):
 
 class SyntheticTask(Protocol):
     vocab_size: int
+    sparse_targets: bool
 
     def train_seq_len(self, step: int) -> int: ...
 
@@ -57,6 +61,7 @@ class SyntheticSource:
         self.task = task
         self.seed = seed
         self.vocab_size = task.vocab_size
+        self.sparse_targets = task.sparse_targets
 
     def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each [batch_size, T] int64, of training step ``step``."""

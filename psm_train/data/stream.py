@@ -125,6 +125,7 @@ class ShardStream:
                             f"(set data.seq_len=0 or rebuild with --seq-len {cfg.seq_len})")
         self.seq_len = first.seq_len
         self.vocab_size = first.vocab_size
+        self.sparse_targets = False
         self.weights = cfg.weights or [1.0] * len(self.manifests)
         self.skipped: dict[int, list[str]] = {}  # source -> shard names left out before training
         self.plans = [self._plan(i, m, "train") for i, m in enumerate(self.manifests)]

@@ -79,6 +79,8 @@ class S5Config:
 class MQAR:
     """Multi-query associative recall batches; token 0 is filler."""
 
+    sparse_targets = True  # only the num_kv_pairs query positions are scored
+
     def __init__(self, cfg: MQARConfig):
         cfg.validate()
         self.cfg = cfg
@@ -143,6 +145,8 @@ def permutation_table() -> tuple[list[tuple[int, ...]], Tensor]:
 
 class S5:
     """S5 word-problem batches: tokens are permutations, targets the running product."""
+
+    sparse_targets = False
 
     def __init__(self, cfg: S5Config):
         cfg.validate()

@@ -193,12 +193,11 @@ class AffineLM(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]."""
+    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         x = self.embed(tokens)
         for layer in self.layers:
             x, _ = layer(x, None, sp)
-        return self.head(self.norm(x))
+        return x
 
     def init_generation(self, batch_size: int) -> AffineGenerationState:
         return AffineGenerationState(self, batch_size)

@@ -29,12 +29,29 @@ class CausalLM(nn.Module):
     Under sequence parallelism (``sp`` given), ``tokens`` is this rank's slice of the sequence in
     the model's ``sequence_layout`` (see `psm_train.distributed.sequence`) and the logits are those
     of the slice's tokens, equal to the single-device logits at the same positions.
+
+    A model implements `hidden` (the last layer's output) and owns ``norm`` and ``head``.
     """
 
     sequence_layout = "contiguous"
+    norm: nn.Module
+    head: nn.Linear
 
-    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the last layer's output [B, T, d_model], before the final norm."""
         raise NotImplementedError
+
+    def forward(
+        self, tokens: torch.Tensor, sp: SequenceParallel | None = None, scored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; with ``scored`` (bool [B, T]) only those positions', [N, V] in row-major order.
+
+        Sparse targets (MQAR's queries) then skip the vocabulary projection everywhere else.
+        """
+        h = self.hidden(tokens, sp)
+        if scored is not None:
+            h = h[scored]
+        return self.head(self.norm(h))
 
     def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
         """Raise ValueError, saying what to change, when seq_len cannot be split across sp_size ranks."""

@@ -49,8 +49,8 @@ class Transformer(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]; under ``sp`` a zigzag slice, attending over all ranks' keys."""
+    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """Under ``sp``, tokens is a zigzag slice attending over all ranks' keys."""
         x = self.embed(tokens)
         if sp is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -58,7 +58,7 @@ class Transformer(CausalLM):
             positions = slice_positions(tokens.shape[1] * sp.size, sp.rank, sp.size, self.sequence_layout).to(tokens.device)
         for block in self.blocks:
             x = block(x, positions, causal=True, window=self.cfg.sliding_window, sp=sp)
-        return self.head(self.norm(x))
+        return x
 
     def init_generation(self, batch_size: int) -> TransformerGenerationState:
         return TransformerGenerationState(self)

@@ -95,8 +95,8 @@ class TransformerPSM(CausalLM):
             )
         check_tree_slices(seq_len // (sp_size * c), sp_size)
 
-    def forward(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V], T of any length (the last chunk is padded at the end).
+    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """T of any length (the last chunk is padded at the end).
 
         Under sequence parallelism T is this rank's slice: whole chunks, a power of two of them.
         """
@@ -124,7 +124,7 @@ class TransformerPSM(CausalLM):
                 h = h + graph_anchor(alone)
             else:
                 h = torch.cat((alone, h[:, c:]), dim=1) + graph_anchor(h[:, :c])
-        return self.head(self.norm(h[:, :t]))
+        return h[:, :t]
 
     def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
         return TransformerPSMGenerationState(self)

@@ -64,17 +64,19 @@ def evaluate(
             counted = index < len(batches) and (split or sp is None or sp.rank == 0)
             inputs, targets = batches[min(index, len(batches) - 1)]
             inputs, targets = inputs[:, positions].to(device), targets[:, positions].to(device)
+            mask = targets != IGNORE_INDEX
             with autocast or contextlib.nullcontext():
-                logits = model(inputs, sp=sp) if split else model(inputs)
+                logits = model(inputs, sp=sp if split else None, scored=mask)  # [N, V]: scored positions only
             if not counted:
                 continue
-            mask = targets != IGNORE_INDEX
-            hits = (logits.argmax(-1) == targets) & mask
-            scores = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(scores, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            sums += torch.tensor([float(loss), int(hits.sum()), int(mask.sum())], dtype=torch.float64)
-            per_position[0, positions] += hits.sum(0).cpu()
-            per_position[1, positions] += mask.sum(0).cpu()
+            labels = targets[mask]
+            hits = logits.argmax(-1) == labels
+            scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(scores, labels, reduction="sum")
+            sums += torch.tensor([float(loss), int(hits.sum()), len(labels)], dtype=torch.float64)
+            columns = positions[mask.nonzero()[:, 1].cpu()]
+            per_position[0].index_add_(0, columns, hits.long().cpu())
+            per_position[1].index_add_(0, columns, torch.ones_like(columns))
         if layout is not None and layout.world_size > 1:
             backend_device = device if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu")
             for t in (sums, per_position):

@@ -237,9 +237,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         lr = lr_at(step, t)
         step_loss = torch.zeros((), device=device)
         for micro_in, micro_tg in zip(inputs.chunk(par.grad_accum), targets.chunk(par.grad_accum)):
+            # Selecting scored rows costs a device sync: worth it only where few positions are scored.
+            scored_rows = micro_tg != IGNORE_INDEX if source.sparse_targets else None
             with autocast:
-                logits = engine.forward(micro_in, sp=sp)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), micro_tg.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                logits = engine.forward(micro_in, sp=sp, scored=scored_rows)
+            labels = micro_tg[scored_rows] if scored_rows is not None else micro_tg.flatten()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
             engine.backward(loss / scored)
             step_loss += loss.detach() / scored
         grad_norm = engine.step(lr)
