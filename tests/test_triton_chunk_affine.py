@@ -89,6 +89,12 @@ def test_strong_decay_and_odd_dims(decay):
     check(decay, 45, 16, True, torch.float32, strength=20.0, K=24, V=20)
 
 
+def test_head_dims_over_one_block():
+    """K and V over 64: the scalar-decay gradient kernels split K (and V) into blocks and sum the
+    decay gradient over the K blocks."""
+    check("scalar", 40, 16, True, torch.float32, K=80, V=72, H=1)
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 kernels run on the GPU")
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
 @pytest.mark.parametrize("T,chunk_size,dim", [(1000, 64, 64), (777, 128, 128), (2048, 16, 128)])

@@ -6,11 +6,12 @@ what their tiles need. Scalar decay runs with the requested chunk size when it i
 in [16, 128] and with the nearest one otherwise; diagonal decay evaluates its [C, C, K] decay
 tensor exactly and always runs with C = 16.
 
-Backward: per-chunk states are recomputed, not kept from the forward. The decay gradient needs
-no kernel of its own: with B_t the cumulative log decay from the sequence start, every term
+Backward: per-chunk states are recomputed, not kept from the forward. The decay gradient comes
+from the other gradients: with B_t the cumulative log decay from the sequence start, every term
 depends on B only through q_t ⊙ e^{B_t}, k_t ⊙ e^{-B_t} and the final state's e^{B_T} factor, so
 dL/dB_t = q_t ⊙ dq_t - k_t ⊙ dk_t (plus S_T ⊙ dS_T summed over V at t = T-1). The dq/dk kernel
-writes that product from its float32 dq, dk; dg is its reverse cumulative sum over the sequence.
+writes that product from its float32 dq, dk; dg is its reverse cumulative sum over the sequence
+(kernel `decay_grad`).
 """
 
 from __future__ import annotations
@@ -94,16 +95,32 @@ class _ChunkAffine(torch.autograd.Function):
         )
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        db = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # dL/dB_t
-        kern.grads_bwd[(m["N"], B * H)](
-            q, k, v, g, h, do, dh, dq, dk, dv, db, T,
-            H=H, K=K, V=V, C=m["C"], BK=_pow2(K), BV=_pow2(V), KS=KS, DIAG=m["DIAG"], PREC=m["PREC"],
-        )
+        if m["DIAG"]:
+            db = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # dL/dB_t
+            kern.grads_bwd_diag[(m["N"], B * H)](
+                q, k, v, g, h, do, dh, dq, dk, dv, db, T,
+                H=H, K=K, V=V, C=m["C"], BK=_pow2(K), BV=_pow2(V), KS=KS, PREC=m["PREC"],
+            )
+        else:
+            nk = triton.cdiv(K, BK)
+            db = torch.empty(nk, *g.shape, dtype=torch.float32, device=g.device)  # per K block
+            kern.dqk_bwd_scalar[(nk, m["N"], B * H)](
+                q, k, v, g, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
+            )
+            kern.dv_bwd_scalar[(triton.cdiv(V, BV), m["N"], B * H)](
+                q, k, g, dh, do, dv, T, H=H, K=K, V=V, C=m["C"], BV=BV, PREC=m["PREC"],
+            )
 
         if dht is not None:  # the final state's e^{B_T} factor
             end = (ht * dht.float()).sum(-1)  # [B, H, K]
-            db[:, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
-        dg = db.flip(1).cumsum(1).flip(1)
+            last = db[:, -1] if m["DIAG"] else db[0, :, -1]
+            last += end if m["DIAG"] else end.sum(-1, keepdim=True)
+        dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        W = g.shape[-1]
+        BW = min(64, triton.next_power_of_2(W))
+        kern.decay_grad[(triton.cdiv(W, BW), B * H)](
+            db, dg, T, NK=db.shape[0] if db.dim() == 5 else 1, H=H, W=W, BT=kern.decay_grad_rows(BW), BW=BW,
+        )
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv, dg.to(g.dtype), dh0, None
 

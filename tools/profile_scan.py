@@ -1,0 +1,69 @@
+"""Where the chunked affine scan's time goes: CUDA time per kernel for one shape, fwd+bwd.
+
+    python tools/profile_scan.py --decay scalar --dim 128 --seq-len 16384 --out profile_scan.json
+
+Inputs as in tools/bench_scan.py (bf16, B 8 × H 16, K = V = D, float32 log decay). Runs a few
+warm-up steps (compilation, autotuning), then profiles ``--steps`` forward+backward passes with
+torch.profiler and prints each kernel's CUDA time per pass, largest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from psm_train.kernels.chunk_affine import chunk_affine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decay", choices=["scalar", "diagonal"], default="scalar")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", help="write the table as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_scan.py profiles the Triton kernels and needs a CUDA GPU")
+
+    B, T, H, D = args.batch, args.seq_len, args.heads, args.dim
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(B, T, H, D if args.decay == "diagonal" else 1, device=dev) * 0.1).requires_grad_()
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        q.grad = k.grad = v.grad = g.grad = None  # no gradient accumulation kernels in the profile
+        o, _ = chunk_affine(q, k, v, g, chunk_size=args.chunk, backend="triton")
+        o.backward(do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us > 0:
+            rows.append({"kernel": e.key[:70], "calls_per_pass": e.count / args.steps, "ms_per_pass": us / 1e3 / args.steps})
+    rows.sort(key=lambda r: -r["ms_per_pass"])
+    total = sum(r["ms_per_pass"] for r in rows)
+    print(f"{args.decay} decay, B {B} × H {H}, T {T}, D {D}, chunk {args.chunk}: {total:.2f} ms of CUDA time per fwd+bwd")
+    print("| kernel | calls per pass | ms per pass | share |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['calls_per_pass']:g} | {r['ms_per_pass']:.3f} | {100 * r['ms_per_pass'] / total:.0f}% |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "total_ms": total, "kernels": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
