@@ -34,3 +34,32 @@ def test_bench_checkpoint_reports_blocked_and_write_time(tmp_path):
     result = json.loads(out.read_text())["result"]
     assert result["saves"] == 2 and result["state_GB"] > 0
     assert result["blocked_s_per_save"] >= 0 and result["write_s_per_save"] > 0
+
+
+def test_results_runner_and_plots(tmp_path):
+    """tools/bench_results.py probes, sizes and trains two tiny S5 runs on CPU; tools/plot_results.py
+    turns its output directory into the S5 table and figure."""
+    root = TOOLS.parent
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+group: s5
+steps: {{min: 4, max: 4, round: 2}}
+eval_points: 2
+scale: {{data.curriculum_steps: 0.25}}
+set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6, 9]", train.eval_batches=1, train.eval_batch_size=4,
+      train.device=cpu]
+runs:
+  - {{name: s5_psm_c1_s0, config: {root}/configs/results/s5_psm_c1.yaml,
+     set: [model.d_model=16, model.n_heads=2, model.inf_layers=1]}}
+  - {{name: s5_transformer_s0, config: {root}/configs/results/s5_transformer.yaml,
+     set: [model.d_model=16, model.n_heads=2, model.n_layers=1]}}
+""")
+    out = tmp_path / "runs"
+    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--probe-steps", "4", "--budget-s", "1", "--kill-after", "200")
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("s5_psm_c1_s0", "s5_transformer_s0"):
+        assert summary["runs"][name]["returncode"] == 0 and summary["runs"][name]["steps"] == 4
+        assert set(summary["runs"][name]["final"]) == {"6", "9"}
+    done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_toy")
+    assert (tmp_path / "plots" / "results_s5_toy.png").stat().st_size > 0
+    assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout

@@ -7,7 +7,7 @@ Writes results_s5.png (accuracy against position at the longest S5 eval length, 
 over seeds), results_mqar.png (query accuracy against training length), results_lm.png
 (validation perplexity and training loss against step) and results_generation.png (ms per token
 and state memory against context length), for whichever of those the inputs hold, and prints
-the markdown tables.
+the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def s5(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
+def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
     """One panel per experiment (results directory): accuracy against position, mean and range over seeds."""
     experiments = [(label, runs) for label, runs in experiments if any(re.fullmatch(r"s5_.+_s\d+", n) for n in runs)]
     if not experiments:
@@ -75,10 +75,12 @@ def s5(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
                 groups[m.group(1)].append(run)
         lengths = sorted({int(k) for g in groups.values() for r in g for k in r["eval"]})
         longest = str(lengths[-1])
-        steps = next(iter(groups.values()))[0]["summary"].get("steps", "?")
+        first = next(iter(groups.values()))[0]
+        steps = first["summary"].get("steps", "?")
+        trained = first["config"].get("data", {}).get("max_len", 18)  # the longest training length
         print(f"\n### S5 ({label_dir}): accuracy per evaluation length, {steps} steps (mean ± sd over seeds)\n")
         print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths)
-              + f" | positions 1-3 (len {longest}) | mean acc, positions 19-{longest} |")
+              + f" | positions 1-3 (len {longest}) | mean acc, positions {trained + 1}-{longest} |")
         print("|---|---|---|---|" + "---|" * len(lengths) + "---|---|")
         for key in [k for k in S5_NAMES if k in groups]:
             group = groups[key]
@@ -90,22 +92,22 @@ def s5(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
             ax.fill_between(pos, [min(c[t] for c in curves) for t in range(len(pos))],
                             [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)
             accs = [mean_sd([r["eval"][str(L)]["acc"] for r in group]) for L in lengths]
-            beyond = statistics.mean(mean[18:])
+            beyond = f"{statistics.mean(mean[trained:]):.3f}" if len(mean) > trained else "–"
             print(f"| {label} | {group[0]['params']}M | {len(group)} | {steps} | " + " | ".join(accs)
-                  + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond:.3f} |")
-        ax.axvline(18, color="gray", ls="--", lw=1)
-        ax.text(19, 0.95, "longest training length (18)", fontsize=8, color="gray")
+                  + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond} |")
+        ax.axvline(trained, color="gray", ls="--", lw=1)
+        ax.text(trained + 1, 0.95, f"longest training length ({trained})", fontsize=8, color="gray")
         ax.axhline(1 / 120, color="gray", ls=":", lw=1)
         ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
                ylim=(0, 1.02), title=f"S5 state tracking, {steps} steps ({label_dir})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "results_s5.png", dpi=120)
-    print(f"\nwrote {out_dir / 'results_s5.png'}")
+    fig.savefig(png, dpi=120)
+    print(f"\nwrote {png}")
 
 
-def mqar(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
+def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
     rows = []  # (experiment, model key, {L: acc}, params, steps)
     for label_dir, runs in experiments:
         table, params, steps = defaultdict(dict), {}, {}
@@ -143,11 +145,11 @@ def mqar(experiments: list[tuple[str, dict]], out_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "results_mqar.png", dpi=120)
-    print(f"\nwrote {out_dir / 'results_mqar.png'}")
+    fig.savefig(png, dpi=120)
+    print(f"\nwrote {png}")
 
 
-def lm(runs: dict, out_dir: Path) -> None:
+def lm(runs: dict, png: Path) -> None:
     chosen = {}
     for name, run in runs.items():
         m = re.fullmatch(r"lm_(.+)", name)
@@ -179,11 +181,11 @@ def lm(runs: dict, out_dir: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "results_lm.png", dpi=120)
-    print(f"\nwrote {out_dir / 'results_lm.png'}")
+    fig.savefig(png, dpi=120)
+    print(f"\nwrote {png}")
 
 
-def generation(paths: list[Path], out_dir: Path) -> None:
+def generation(paths: list[Path], png: Path) -> None:
     """Points from several bench_generation.py files; for a (model, batch, context) the first file wins."""
     rows, seen, meta = [], set(), None
     for path in paths:
@@ -223,8 +225,8 @@ def generation(paths: list[Path], out_dir: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"generation on {data['meta']['device']}, bf16, d 768 models", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_dir / "results_generation.png", dpi=120)
-    print(f"\nwrote {out_dir / 'results_generation.png'}")
+    fig.savefig(png, dpi=120)
+    print(f"\nwrote {png}")
 
 
 def main() -> None:
@@ -234,14 +236,16 @@ def main() -> None:
     ap.add_argument("--generation", nargs="*", type=Path, default=[],
                     help="JSONs of tools/bench_generation.py (for a point measured in several, the first file wins)")
     ap.add_argument("--out-dir", type=Path, default=Path("docs"))
+    ap.add_argument("--tag", default="", help="appended to the figure names: results_s5TAG.png, ...")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     experiments = [(d.name, load_runs([d])) for d in args.runs]
-    s5(experiments, args.out_dir)
-    mqar(experiments, args.out_dir)
-    lm({name: run for _, runs in experiments for name, run in runs.items()}, args.out_dir)
+    png = {kind: args.out_dir / f"results_{kind}{args.tag}.png" for kind in ("s5", "mqar", "lm", "generation")}
+    s5(experiments, png["s5"])
+    mqar(experiments, png["mqar"])
+    lm({name: run for _, runs in experiments for name, run in runs.items()}, png["lm"])
     if args.generation:
-        generation(args.generation, args.out_dir)
+        generation(args.generation, png["generation"])
 
 
 if __name__ == "__main__":
