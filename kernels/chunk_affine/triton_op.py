@@ -95,15 +95,15 @@ class _ChunkAffine(torch.autograd.Function):
         )
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
+        nk = 1 if m["DIAG"] else triton.cdiv(K, BK)
+        db = torch.empty(nk, *g.shape, dtype=torch.float32, device=g.device)
         if m["DIAG"]:
-            db = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # dL/dB_t
             kern.grads_bwd_diag[(m["N"], B * H)](
                 q, k, v, g, h, do, dh, dq, dk, dv, db, T,
                 H=H, K=K, V=V, C=m["C"], BK=_pow2(K), BV=_pow2(V), KS=KS, PREC=m["PREC"],
             )
         else:
-            nk = triton.cdiv(K, BK)
-            db = torch.empty(nk, *g.shape, dtype=torch.float32, device=g.device)  # per K block
             kern.dqk_bwd_scalar[(nk, m["N"], B * H)](
                 q, k, v, g, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
             )
@@ -113,13 +113,12 @@ class _ChunkAffine(torch.autograd.Function):
 
         if dht is not None:  # the final state's e^{B_T} factor
             end = (ht * dht.float()).sum(-1)  # [B, H, K]
-            last = db[:, -1] if m["DIAG"] else db[0, :, -1]
-            last += end if m["DIAG"] else end.sum(-1, keepdim=True)
+            db[0, :, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
         dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
         W = g.shape[-1]
         BW = min(64, triton.next_power_of_2(W))
         kern.decay_grad[(triton.cdiv(W, BW), B * H)](
-            db, dg, T, NK=db.shape[0] if db.dim() == 5 else 1, H=H, W=W, BT=kern.decay_grad_rows(BW), BW=BW,
+            db, dg, T, NK=nk, H=H, W=W, BT=kern.decay_grad_rows(BW), BW=BW,
         )
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv, dg.to(g.dtype), dh0, None
