@@ -63,3 +63,10 @@ runs:
     done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_toy")
     assert (tmp_path / "plots" / "results_s5_toy.png").stat().st_size > 0
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
+
+
+def test_profile_scan_needs_a_gpu():
+    """A GPU-only tool: it imports on CPU and says what it needs instead of failing deep inside."""
+    done = subprocess.run([sys.executable, str(TOOLS / "profile_scan.py"), "--seq-len", "64"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]

@@ -2,7 +2,7 @@
 
     python tools/profile_scan.py --decay scalar --dim 128 --seq-len 16384 --out profile_scan.json
 
-Inputs as in tools/bench_scan.py (bf16, B 8 × H 16, K = V = D, float32 log decay). Runs a few
+Inputs are tools/bench_scan.py's (bf16, B 8 × H 16, K = V = D, float32 log decay). Runs a few
 warm-up steps (compilation, autotuning), then profiles ``--steps`` forward+backward passes with
 torch.profiler and prints each kernel's CUDA time per pass, largest first.
 """
@@ -13,6 +13,8 @@ import argparse
 import json
 
 import torch
+
+from bench_scan import make_inputs  # tools/ is on the path when this script runs
 
 from psm_train.kernels.chunk_affine import chunk_affine
 
@@ -32,10 +34,7 @@ def main() -> None:
         raise SystemExit("profile_scan.py profiles the Triton kernels and needs a CUDA GPU")
 
     B, T, H, D = args.batch, args.seq_len, args.heads, args.dim
-    dev = torch.device("cuda")
-    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = (-torch.rand(B, T, H, D if args.decay == "diagonal" else 1, device=dev) * 0.1).requires_grad_()
-    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    (q, k, v, g), do = make_inputs(args.decay, T, D, B, H)
 
     def step():
         q.grad = k.grad = v.grad = g.grad = None  # no gradient accumulation kernels in the profile
