@@ -69,6 +69,7 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine: deepspeed)
     grad_accum: int = 1  # micro-batches per optimizer step; train.batch_size is the whole step's
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    compile_blocks: bool = False  # torch.compile each transformer block (Block); affine blocks stay eager
     # ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them at
     # each use (DeepSpeed's stage3_param_persistence_threshold).
     zero3_persistence_threshold: int = 100_000
@@ -84,6 +85,11 @@ class ParallelConfig:
             raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage and self.engine != "deepspeed":
             raise ValueError(f"zero_stage: {self.zero_stage} needs engine: deepspeed")
+        if self.compile_blocks and self.zero_stage == 3:
+            raise ValueError(
+                "compile_blocks: not supported with zero_stage 3 (its parameter gathering in module hooks is untested "
+                "under torch.compile)"
+            )
 
 
 @dataclass

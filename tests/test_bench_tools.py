@@ -70,3 +70,25 @@ def test_profile_scan_needs_a_gpu():
     done = subprocess.run([sys.executable, str(TOOLS / "profile_scan.py"), "--seq-len", "64"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
+
+
+def test_shipped_plans_name_valid_runs():
+    """Every run of every plan in configs/results/ loads, and the plan's and its own overrides take."""
+    import yaml
+
+    sys.path.insert(0, str(TOOLS))
+    from bench_results import load_plan
+
+    from psm_train.config import load_config
+
+    plans = sorted((TOOLS.parent / "configs" / "results").glob("plan_*.yaml"))
+    assert plans
+    for path in plans:
+        plan = load_plan(str(path))
+        for run in plan["runs"]:
+            overrides = [*plan["set"], *run["set"]]
+            values = load_config(TOOLS.parent / run["config"], overrides).to_dict()
+            for item in overrides:
+                key, value = item.split("=", 1)
+                section, name = key.split(".")
+                assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], item)

@@ -30,7 +30,7 @@ def run_config(run_dir: Path, model: str, steps: int = 8, **sections) -> dict:
     raw = {
         "name": "dist",
         "run_dir": str(run_dir),
-        "model": MODELS[model],
+        "model": dict(MODELS[model]),
         "data": {"task": "mqar", "vocab_size": 32, "num_kv_pairs": 2, "seq_len": 32},
         "train": {"steps": steps, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
                   "eval_batches": 1, "eval_batch_size": 8, "device": "cpu", "threads": 1},

@@ -1,17 +1,13 @@
 """Triton chunked affine kernels against the PyTorch reference (float64), forward and backward.
 
-On a CPU machine the kernels run under TRITON_INTERPRET=1 (set here before they are imported);
-on a GPU they are compiled, and the bf16 cases run as well.
+On a CPU machine the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton
+is first imported); on a GPU they are compiled, and the bf16 cases run as well.
 """
-
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # before the first import of triton, which reads it once
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from psm_train.kernels.chunk_affine import chunk_affine, resolve_backend  # noqa: E402

@@ -7,6 +7,8 @@ Models at about 172M parameters (vocab 32768, tied embeddings, d 1024): transfor
 K 64, V 128 per head). One training step = forward, cross-entropy, backward and a fused AdamW
 step under bf16 autocast, on batches of about --tokens tokens (B = tokens // T, at least 1).
 Time: the mean of --steps steps after --warmup steps (which include Triton autotuning).
+--profile N also profiles one more step of each run and prints its N most expensive CUDA kernels.
+--compile runs every transformer / affine block through torch.compile (the trainer does not yet).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cuda_profile import kernel_times, print_kernel_table  # tools/ is on the path when this script runs
+
 from psm_train.kernels.attention import attention_backend
 from psm_train.models import MODELS, build_model
+from psm_train.models.affine_lm import AffineBlock
+from psm_train.models.layers import Block
 
 VOCAB = 32768
 SPECS = {
@@ -31,10 +37,16 @@ SPECS = {
 }
 
 
-def measure(label: str, T: int, tokens: int, warmup: int, steps: int) -> dict:
+def measure(
+    label: str, T: int, tokens: int, warmup: int, steps: int, profile_top: int = 0, compile_blocks: bool = False
+) -> dict:
     name, kw = SPECS[label]
     model = build_model(name, MODELS[name][0](**kw), VOCAB).cuda()
     params = sum(p.numel() for p in model.parameters())
+    if compile_blocks:
+        for module in model.modules():
+            if isinstance(module, (Block, AffineBlock)):
+                module.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, tokens // T)
     data = torch.randint(0, VOCAB, (B, T + 1), device="cuda")
@@ -47,7 +59,7 @@ def measure(label: str, T: int, tokens: int, warmup: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    row = dict(model=label, T=T, batch=B, params_M=params / 1e6)
+    row = dict(model=label, T=T, batch=B, params_M=params / 1e6, compiled=compile_blocks)
     try:
         for _ in range(warmup):
             step()
@@ -59,6 +71,11 @@ def measure(label: str, T: int, tokens: int, warmup: int, steps: int) -> dict:
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
         row.update(step_s=dt, tokens_per_s=B * T / dt, peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
+        if profile_top:
+            kernels, total = kernel_times(step, 1)
+            row.update(profile_total_ms=total, profile=kernels[:profile_top])
+            print(f"{label}, T {T}: {total:.1f} ms of CUDA time per step")
+            print_kernel_table(kernels, total, profile_top)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     del model, opt, data
@@ -74,6 +91,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=600.0, help="start no new run after this many seconds")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every block")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each run's N most expensive CUDA kernels")
     ap.add_argument("--out", default="bench_models.json")
     args = ap.parse_args()
 
@@ -88,7 +107,7 @@ def main() -> None:
             if time.time() - start > args.budget_s:
                 print(f"time budget spent: skipped {label} T={T}", flush=True)
                 continue
-            rows.append(measure(label, T, args.tokens, args.warmup, args.steps))
+            rows.append(measure(label, T, args.tokens, args.warmup, args.steps, args.profile, args.compile))
             print(json.dumps(rows[-1]), flush=True)
             with open(args.out, "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -61,18 +61,32 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def s5_group(name: str) -> tuple[int, str, str] | None:
+    """(model order, group key, label) of an S5 run named s5_<model>[_<variant>][_s<seed>], or None.
+    Runs that differ only in the seed form one group."""
+    m = re.fullmatch(r"s5_(.+?)(?:_s\d+)?", name)
+    if not m:
+        return None
+    key = m.group(1)
+    bases = [k for k in S5_NAMES if key == k or key.startswith(k + "_")]
+    if not bases:
+        return None
+    base = max(bases, key=len)
+    variant = key[len(base) + 1 :].replace("_", ", ")
+    return list(S5_NAMES).index(base), key, S5_NAMES[base] + (f" ({variant})" if variant else "")
+
+
 def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
     """One panel per experiment (results directory): accuracy against position, mean and range over seeds."""
-    experiments = [(label, runs) for label, runs in experiments if any(re.fullmatch(r"s5_.+_s\d+", n) for n in runs)]
+    experiments = [(label, runs) for label, runs in experiments if any(s5_group(n) for n in runs)]
     if not experiments:
         return
     fig, axes = plt.subplots(1, len(experiments), figsize=(7 * len(experiments), 4.2), squeeze=False)
     for ax, (label_dir, runs) in zip(axes[0], experiments):
         groups = defaultdict(list)
         for name, run in runs.items():
-            m = re.fullmatch(r"s5_(.+)_s(\d+)", name)
-            if m and run["eval"]:
-                groups[m.group(1)].append(run)
+            if s5_group(name) and run["eval"]:
+                groups[s5_group(name)].append(run)
         lengths = sorted({int(k) for g in groups.values() for r in g for k in r["eval"]})
         longest = str(lengths[-1])
         first = next(iter(groups.values()))[0]
@@ -82,12 +96,10 @@ def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
         print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths)
               + f" | positions 1-3 (len {longest}) | mean acc, positions {trained + 1}-{longest} |")
         print("|---|---|---|---|" + "---|" * len(lengths) + "---|---|")
-        for key in [k for k in S5_NAMES if k in groups]:
-            group = groups[key]
+        for (_, _, label), group in sorted(groups.items(), key=lambda item: item[0]):
             curves = [r["eval"][longest]["acc_by_position"] for r in group]
             mean = [statistics.mean(c[t] for c in curves) for t in range(len(curves[0]))]
             pos = list(range(1, len(mean) + 1))
-            label = S5_NAMES[key]
             line, = ax.plot(pos, mean, label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
             ax.fill_between(pos, [min(c[t] for c in curves) for t in range(len(pos))],
                             [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)

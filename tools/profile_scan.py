@@ -15,6 +15,7 @@ import json
 import torch
 
 from bench_scan import make_inputs  # tools/ is on the path when this script runs
+from cuda_profile import kernel_times, print_kernel_table
 
 from psm_train.kernels.chunk_affine import chunk_affine
 
@@ -43,22 +44,9 @@ def main() -> None:
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        if us > 0:
-            rows.append({"kernel": e.key[:70], "calls_per_pass": e.count / args.steps, "ms_per_pass": us / 1e3 / args.steps})
-    rows.sort(key=lambda r: -r["ms_per_pass"])
-    total = sum(r["ms_per_pass"] for r in rows)
+    rows, total = kernel_times(step, args.steps)
     print(f"{args.decay} decay, B {B} × H {H}, T {T}, D {D}, chunk {args.chunk}: {total:.2f} ms of CUDA time per fwd+bwd")
-    print("| kernel | calls per pass | ms per pass | share |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['kernel']} | {r['calls_per_pass']:g} | {r['ms_per_pass']:.3f} | {100 * r['ms_per_pass'] / total:.0f}% |")
+    print_kernel_table(rows, total)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "total_ms": total, "kernels": rows}, f, indent=1)

@@ -54,6 +54,7 @@ class AffineLMConfig:
     chunk_size: int = 64
     kernel: str = "auto"  # chunk_affine backend: auto (Triton on GPU), triton or reference
     mlp_ratio: float = 4.0  # 0 disables the MLP
+    dropout: float = 0.0  # on the token embeddings and every residual branch's output, in training only
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
 
@@ -64,6 +65,8 @@ class AffineLMConfig:
             raise ValueError(f"kernel: expected one of {BACKENDS}, got {self.kernel!r}")
         if self.mlp_ratio < 0:
             raise ValueError(f"mlp_ratio: expected a number >= 0 (0 disables the MLP), got {self.mlp_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -146,7 +149,7 @@ class AffineMixer(nn.Module):
 
 
 class AffineBlock(nn.Module):
-    """Pre-norm block: x + mixer(norm(x)), then x + SwiGLU(norm(x)) unless mlp_ratio is 0."""
+    """Pre-norm block: x + drop(mixer(norm(x))), then x + drop(SwiGLU(norm(x))) unless mlp_ratio is 0."""
 
     def __init__(self, cfg: AffineLMConfig, mixer: AffineMixer):
         super().__init__()
@@ -157,21 +160,22 @@ class AffineBlock(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
         else:
             self.mlp_norm = self.mlp = None
+        self.drop = nn.Dropout(cfg.dropout)  # p = 0 returns its input unchanged and draws no random numbers
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.drop(self.mlp(self.mlp_norm(x)))
 
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, sp: SequenceParallel | None = None
     ) -> tuple[torch.Tensor, MixerState]:
         """x [B, T, d] -> [B, T, d], and the mixer's final state."""
         y, state = self.mixer(self.mixer_norm(x), state, sp)
-        return self._mlp(x + y), state
+        return self._mlp(x + self.drop(y)), state
 
     def step(self, x: torch.Tensor, state: MixerState | None) -> tuple[torch.Tensor, MixerState]:
         """x [B, d] -> [B, d], and the mixer's next state."""
         y, state = self.mixer.step(self.mixer_norm(x), state)
-        return self._mlp(x + y), state
+        return self._mlp(x + self.drop(y)), state
 
 
 class AffineLM(CausalLM):
@@ -184,6 +188,7 @@ class AffineLM(CausalLM):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed_drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(AffineBlock(cfg, self.mixer_cls(cfg)) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -194,7 +199,7 @@ class AffineLM(CausalLM):
             self.head.weight = self.embed.weight
 
     def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        x = self.embed(tokens)
+        x = self.embed_drop(self.embed(tokens))
         for layer in self.layers:
             x, _ = layer(x, None, sp)
         return x

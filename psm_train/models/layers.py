@@ -122,18 +122,21 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, norm_eps: float, rope_base: float = 10000.0):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float, norm_eps: float, rope_base: float = 10000.0, dropout: float = 0.0
+    ):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = SelfAttention(dim, n_heads, rope_base)
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+        self.drop = nn.Dropout(dropout)  # p = 0 returns its input unchanged and draws no random numbers
 
     def forward(self, x, positions, *, causal, window=None, cache=None, sp=None):
-        x = x + self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache, sp=sp)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache, sp=sp))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 RESIDUAL_OUTPUTS = ("out", "down", "o_proj")

@@ -18,6 +18,7 @@ class TransformerConfig:
     n_layers: int = 4
     n_heads: int = 4
     mlp_ratio: float = 4.0
+    dropout: float = 0.0  # on the token embeddings and every residual branch's output, in training only
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     sliding_window: int | None = None  # each token attends to its last `sliding_window` tokens
@@ -31,6 +32,8 @@ class TransformerConfig:
             raise ValueError(f"n_heads: d_model / n_heads must be an even integer, got {self.d_model} / {self.n_heads}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window: expected a positive integer or null, got {self.sliding_window}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
 
 
 class Transformer(CausalLM):
@@ -40,8 +43,10 @@ class Transformer(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base) for _ in range(cfg.n_layers)
+            Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base, cfg.dropout)
+            for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -51,7 +56,7 @@ class Transformer(CausalLM):
 
     def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Under ``sp``, tokens is a zigzag slice attending over all ranks' keys."""
-        x = self.embed(tokens)
+        x = self.embed_drop(self.embed(tokens))
         if sp is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         else:

@@ -34,6 +34,7 @@ class TransformerPSMConfig:
     agg_layers: int = 1
     inf_layers: int = 4
     mlp_ratio: float = 4.0
+    dropout: float = 0.0  # on the token embeddings and every residual branch's output, in training only
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     tie_embeddings: bool = True
@@ -44,6 +45,8 @@ class TransformerPSMConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"n_heads: d_model / n_heads must be an even integer, got {self.d_model} / {self.n_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
 
 
 class TransformerPSM(CausalLM):
@@ -51,9 +54,12 @@ class TransformerPSM(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed_drop = nn.Dropout(cfg.dropout)
 
         def blocks(n: int) -> nn.ModuleList:
-            return nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base) for _ in range(n))
+            return nn.ModuleList(
+                Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base, cfg.dropout) for _ in range(n)
+            )
 
         self.agg_blocks = blocks(cfg.agg_layers)
         self.inf_blocks = blocks(cfg.inf_layers)
@@ -105,7 +111,7 @@ class TransformerPSM(CausalLM):
         n = -(-t // c)
         # Padding comes after every real token: causal Inf never sees it, and the last chunk's
         # state feeds no real prefix.
-        x = F.pad(self.embed(tokens), (0, 0, 0, n * c - t)).view(b, n, c, d)
+        x = F.pad(self.embed_drop(self.embed(tokens)), (0, 0, 0, n * c - t)).view(b, n, c, d)
         prefixes, _ = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
         if sp is None:  # the sequence's first chunk has no prefix (P_0, the identity): Inf sees it alone
             hidden = [self.infer(None, x[:, 0])]

@@ -182,10 +182,20 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     # Counted before ZeRO-3 partitions the parameters (a partitioned one reports no elements).
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    # Every rank initialised the same weights from the shared seed; from here on the global RNG only draws
+    # dropout masks, which must differ between data-parallel ranks and between a sequence's slices.
+    torch.manual_seed(int(np.random.SeedSequence([t.seed, denv.rank]).generate_state(1)[0]))
     if par.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (Block, AffineBlock)))
+    if par.compile_blocks:  # fuses each block's norms, rotary and MLP elementwise work (docs/benchmarks.md)
+        # One graph per call shape: Agg and Inf, a chunk with or without its prefix, training and evaluation;
+        # past dynamo's default of 8 the rest would run eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        for module in model.modules():
+            if isinstance(module, Block):
+                module.compile()
     micro_rows = t.batch_size // (layout.dp * par.grad_accum)
     use_ds_bf16 = par.engine == "deepspeed" and device.type == "cuda" and t.precision != "fp32"
     engine = build_engine(model, t, par, micro_rows, bf16=use_ds_bf16)
