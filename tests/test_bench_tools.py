@@ -92,3 +92,14 @@ def test_shipped_plans_name_valid_runs():
                 key, value = item.split("=", 1)
                 section, name = key.split(".")
                 assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], item)
+
+
+def test_s5_runs_group_by_model_and_variant():
+    sys.path.insert(0, str(TOOLS))
+    from plot_results import s5_group
+
+    assert s5_group("s5_psm_c1_s0")[1:] == s5_group("s5_psm_c1_s3")[1:] == ("psm_c1", "Transformer-PSM c=1")
+    assert s5_group("s5_psm_c1_agg2_drop")[1:] == ("psm_c1_agg2_drop", "Transformer-PSM c=1 (agg2, drop)")
+    assert s5_group("s5_transformer_drop_s1")[1:] == ("transformer_drop", "Transformer (drop)")
+    assert s5_group("s5_mamba2_s0")[0] > s5_group("s5_transformer_s0")[0] > s5_group("s5_psm_c1_s0")[0]
+    assert s5_group("s5_psm_c16_s0") is None and s5_group("mqar_psm_c64_L128") is None  # not an S5 model named here

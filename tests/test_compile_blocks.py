@@ -28,6 +28,6 @@ def test_compiled_blocks_match_eager(tmp_path):
 
 
 def test_compile_blocks_refused_with_zero3():
-    raw = run_config("unused", "gla", parallel={"compile_blocks": True, "engine": "deepspeed", "zero_stage": 3})
+    raw = run_config("unused", "transformer_psm", parallel={"compile_blocks": True, "engine": "deepspeed", "zero_stage": 3})
     with pytest.raises(ConfigError, match="compile_blocks"):
         config_from_dict(raw, "test")

@@ -81,9 +81,13 @@ def test_parallel_training_tracks_single_process(tmp_path, model, world, paralle
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs single-process {b}"
 
 
-@pytest.mark.parametrize("world, parallel", [(2, {}), (4, {"sp": 2})], ids=["dp2", "dp2xsp2"])
-def test_resume_is_bit_exact(tmp_path, capfd, world, parallel):
+@pytest.mark.parametrize(
+    "world, parallel, dropout", [(2, {}, 0.0), (4, {"sp": 2}, 0.0), (2, {}, 0.3)], ids=["dp2", "dp2xsp2", "dp2_dropout"]
+)
+def test_resume_is_bit_exact(tmp_path, capfd, world, parallel, dropout):
+    """With dropout, each rank's restored RNG state must give the masks the uninterrupted run drew."""
     raw = run_config(tmp_path / "run", "transformer_psm", steps=12, parallel=parallel, checkpoint={"every": 6})
+    raw["model"]["dropout"] = dropout
     straight = train_on(world, raw)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_000000006"]
     (tmp_path / "run" / "final.pt").unlink()

@@ -99,8 +99,9 @@ def test_config_file_and_override(name, tmp_path):
 
 
 def test_shipped_config_takes_the_override():
-    assert load_config("configs/quickstart.yaml").model.config.dropout == 0.0
-    assert load_config("configs/quickstart.yaml", ["model.dropout=0.1"]).model.config.dropout == 0.1
+    quickstart = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+    assert load_config(quickstart).model.config.dropout == 0.0
+    assert load_config(quickstart, ["model.dropout=0.1"]).model.config.dropout == 0.1
 
 
 def _record_masks(rank: int, world: int, raw: dict, out: Path) -> None:

@@ -8,7 +8,7 @@ K 64, V 128 per head). One training step = forward, cross-entropy, backward and 
 step under bf16 autocast, on batches of about --tokens tokens (B = tokens // T, at least 1).
 Time: the mean of --steps steps after --warmup steps (which include Triton autotuning).
 --profile N also profiles one more step of each run and prints its N most expensive CUDA kernels.
---compile runs every transformer / affine block through torch.compile (the trainer does not yet).
+--compile runs every transformer block through torch.compile, as the trainer's parallel.compile_blocks does.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from cuda_profile import kernel_times, print_kernel_table  # tools/ is on the pa
 
 from psm_train.kernels.attention import attention_backend
 from psm_train.models import MODELS, build_model
-from psm_train.models.affine_lm import AffineBlock
-from psm_train.models.layers import Block
+from psm_train.models.layers import compile_blocks
 
 VOCAB = 32768
 SPECS = {
@@ -38,15 +37,14 @@ SPECS = {
 
 
 def measure(
-    label: str, T: int, tokens: int, warmup: int, steps: int, profile_top: int = 0, compile_blocks: bool = False
+    label: str, T: int, tokens: int, warmup: int, steps: int, profile_top: int = 0, compiled: bool = False
 ) -> dict:
     name, kw = SPECS[label]
     model = build_model(name, MODELS[name][0](**kw), VOCAB).cuda()
     params = sum(p.numel() for p in model.parameters())
-    if compile_blocks:
-        for module in model.modules():
-            if isinstance(module, (Block, AffineBlock)):
-                module.compile()
+    if compiled:
+        torch._dynamo.reset()  # each run's graphs count against dynamo's recompile limit from zero
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, tokens // T)
     data = torch.randint(0, VOCAB, (B, T + 1), device="cuda")
@@ -59,7 +57,7 @@ def measure(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    row = dict(model=label, T=T, batch=B, params_M=params / 1e6, compiled=compile_blocks)
+    row = dict(model=label, T=T, batch=B, params_M=params / 1e6, compiled=compiled)
     try:
         for _ in range(warmup):
             step()
@@ -91,7 +89,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=600.0, help="start no new run after this many seconds")
-    ap.add_argument("--compile", action="store_true", help="torch.compile every block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each run's N most expensive CUDA kernels")
     ap.add_argument("--out", default="bench_models.json")
     args = ap.parse_args()

@@ -9,7 +9,7 @@ import torch
 
 def kernel_times(step: Callable[[], None], steps: int) -> tuple[list[dict], float]:
     """Profile ``steps`` calls of ``step`` (warmed up by the caller). Returns one row per kernel,
-    {kernel, calls_per_pass, ms_per_pass}, largest first, and the total ms of CUDA time per pass."""
+    {kernel (full name), calls_per_pass, ms_per_pass}, largest first, and the total ms of CUDA time per pass."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -19,7 +19,7 @@ def kernel_times(step: Callable[[], None], steps: int) -> tuple[list[dict], floa
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         if us > 0:
-            rows.append({"kernel": e.key[:70], "calls_per_pass": e.count / steps, "ms_per_pass": us / 1e3 / steps})
+            rows.append({"kernel": e.key, "calls_per_pass": e.count / steps, "ms_per_pass": us / 1e3 / steps})
     rows.sort(key=lambda r: -r["ms_per_pass"])
     return rows, sum(r["ms_per_pass"] for r in rows)
 
@@ -27,4 +27,4 @@ def kernel_times(step: Callable[[], None], steps: int) -> tuple[list[dict], floa
 def print_kernel_table(rows: list[dict], total: float, top: int | None = None) -> None:
     print("| kernel | calls per pass | ms per pass | share |\n|---|---|---|---|")
     for r in rows[:top]:
-        print(f"| {r['kernel']} | {r['calls_per_pass']:g} | {r['ms_per_pass']:.3f} | {100 * r['ms_per_pass'] / total:.0f}% |")
+        print(f"| {r['kernel'][:90]} | {r['calls_per_pass']:g} | {r['ms_per_pass']:.3f} | {100 * r['ms_per_pass'] / total:.0f}% |")

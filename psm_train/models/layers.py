@@ -139,6 +139,18 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer Block of ``model`` in place (parameter names unchanged)."""
+    config = torch._dynamo.config
+    # One graph per call shape (Agg and Inf, a chunk with or without its prefix, training and evaluation):
+    # past dynamo's default limit of 8 the rest would run eager. The limit was cache_size_limit before torch 2.7.
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 32))
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+
+
 RESIDUAL_OUTPUTS = ("out", "down", "o_proj")
 
 

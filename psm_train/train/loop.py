@@ -33,7 +33,7 @@ from psm_train.distributed.sequence import shard_sequence
 from psm_train.launch.preemption import should_stop
 from psm_train.models import build_model
 from psm_train.models.affine_lm import AffineBlock
-from psm_train.models.layers import Block
+from psm_train.models.layers import Block, compile_blocks
 from psm_train.train.checkpoint import save_checkpoint
 from psm_train.train.engine import build_engine, merge_canonical
 from psm_train.train.evaluate import evaluate
@@ -182,20 +182,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     # Counted before ZeRO-3 partitions the parameters (a partitioned one reports no elements).
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
-    # Every rank initialised the same weights from the shared seed; from here on the global RNG only draws
-    # dropout masks, which must differ between data-parallel ranks and between a sequence's slices.
-    torch.manual_seed(int(np.random.SeedSequence([t.seed, denv.rank]).generate_state(1)[0]))
     if par.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (Block, AffineBlock)))
     if par.compile_blocks:  # fuses each block's norms, rotary and MLP elementwise work (docs/benchmarks.md)
-        # One graph per call shape: Agg and Inf, a chunk with or without its prefix, training and evaluation;
-        # past dynamo's default of 8 the rest would run eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        for module in model.modules():
-            if isinstance(module, Block):
-                module.compile()
+        compile_blocks(model)
     micro_rows = t.batch_size // (layout.dp * par.grad_accum)
     use_ds_bf16 = par.engine == "deepspeed" and device.type == "cuda" and t.precision != "fp32"
     engine = build_engine(model, t, par, micro_rows, bf16=use_ds_bf16)
@@ -209,6 +201,11 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         tokens_seen = ckpt.meta["tokens"]
         if ckpt.world_size == denv.world_size:
             restore_rng(files[denv.rank]["rng"], device)
+    if ckpt is None or ckpt.world_size != denv.world_size:
+        # Every rank initialised the same weights from the shared seed; from here on the global RNG only draws
+        # dropout masks, which must differ between ranks (a sequence's slices included) and, after a resume
+        # at another world size, from the masks of the run's first steps.
+        torch.manual_seed(int(np.random.SeedSequence([t.seed, denv.rank, start]).generate_state(1)[0]))
     eval_sets = source.eval_sets(t.eval_batches, t.eval_batch_size)
 
     logger = MetricsLogger(run_dir, start_wandb(cfg, run_dir)) if main else None
