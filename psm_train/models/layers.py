@@ -143,7 +143,7 @@ def compile_blocks(model: nn.Module) -> None:
     """torch.compile every transformer Block of ``model`` in place (parameter names unchanged)."""
     config = torch._dynamo.config
     # One graph per call shape (Agg and Inf, a chunk with or without its prefix, training and evaluation):
-    # past dynamo's default limit of 8 the rest would run eager. The limit was cache_size_limit before torch 2.7.
+    # past dynamo's default limit of 8 the rest would run eager. Older torch versions call it cache_size_limit.
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
     for module in model.modules():
