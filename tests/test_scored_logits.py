@@ -23,8 +23,10 @@ def test_scored_logits_are_the_full_logits_at_those_positions(name):
     scored[0] = False  # a row without any scored position
     with torch.no_grad():
         full, sparse = model(tokens), model(tokens, scored=scored)
+        by_index = model(tokens, scored=scored.nonzero(as_tuple=True))  # the trainer's form: one device sync
     assert sparse.shape == (int(scored.sum()), VOCAB)
     torch.testing.assert_close(sparse, full[scored], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(by_index, sparse, rtol=0, atol=0)
 
 
 def _mqar_losses(tmp_path, name: str) -> list[float]:

@@ -20,7 +20,7 @@ from torch import nn
 from psm_train.distributed.affine_exchange import sp_chunk_affine
 from psm_train.distributed.sequence import SequenceParallel
 from psm_train.kernels.chunk_affine import BACKENDS, affine_step, chunk_affine
-from psm_train.models.base import CausalLM, tensor_nbytes
+from psm_train.models.base import CausalLM, require_dropout, tensor_nbytes
 from psm_train.models.layers import RMSNorm, SwiGLU, init_weights, swiglu_hidden
 
 # (q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], log_decay [B, T, H, K | 1], state [B, H, K, V] | None)
@@ -65,8 +65,7 @@ class AffineLMConfig:
             raise ValueError(f"kernel: expected one of {BACKENDS}, got {self.kernel!r}")
         if self.mlp_ratio < 0:
             raise ValueError(f"mlp_ratio: expected a number >= 0 (0 disables the MLP), got {self.mlp_ratio}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
+        require_dropout(self.dropout)
 
 
 @dataclass

@@ -23,6 +23,12 @@ class GenerationState(Protocol):
         """Small summary for humans: e.g. tokens seen, roots held, state bytes."""
 
 
+def require_dropout(p: float) -> None:
+    """The ``dropout`` field of every model config."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: expected a number in [0, 1), got {p}")
+
+
 class CausalLM(nn.Module):
     """A decoder: ``forward(tokens [B, T]) -> logits [B, T, V]``, logits[:, t] seeing tokens[:, :t+1].
 
@@ -44,7 +50,8 @@ class CausalLM(nn.Module):
     def forward(
         self, tokens: torch.Tensor, sp: SequenceParallel | None = None, scored: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits [B, T, V]; with ``scored`` (bool [B, T]) only those positions', [N, V] in row-major order.
+        """Logits [B, T, V]; with ``scored`` (a bool [B, T] mask, or its ``nonzero(as_tuple=True)``)
+        only those positions', [N, V] in row-major order.
 
         Sparse targets (MQAR's queries) then skip the vocabulary projection everywhere else.
         """

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from psm_train.distributed.sequence import SequenceParallel, slice_positions
-from psm_train.models.base import CausalLM
+from psm_train.models.base import CausalLM, require_dropout
 from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
 
 
@@ -32,8 +32,7 @@ class TransformerConfig:
             raise ValueError(f"n_heads: d_model / n_heads must be an even integer, got {self.d_model} / {self.n_heads}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window: expected a positive integer or null, got {self.sliding_window}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
+        require_dropout(self.dropout)
 
 
 class Transformer(CausalLM):

@@ -21,7 +21,7 @@ from torch import nn
 from psm_train.distributed.sequence import SequenceParallel
 from psm_train.distributed.tree_exchange import check_tree_slices, sp_prefix_scan
 from psm_train.graph_anchor import graph_anchor
-from psm_train.models.base import CausalLM, tensor_nbytes
+from psm_train.models.base import CausalLM, require_dropout, tensor_nbytes
 from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
 from psm_train.scan import OnlineScan, prefix_scan
 
@@ -45,8 +45,7 @@ class TransformerPSMConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"n_heads: d_model / n_heads must be an even integer, got {self.d_model} / {self.n_heads}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
+        require_dropout(self.dropout)
 
 
 class TransformerPSM(CausalLM):

@@ -244,8 +244,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         lr = lr_at(step, t)
         step_loss = torch.zeros((), device=device)
         for micro_in, micro_tg in zip(inputs.chunk(par.grad_accum), targets.chunk(par.grad_accum)):
-            # Selecting scored rows costs a device sync: worth it only where few positions are scored.
-            scored_rows = micro_tg != IGNORE_INDEX if source.sparse_targets else None
+            # Finding the scored positions costs one device sync: worth it only where few are scored.
+            scored_rows = (micro_tg != IGNORE_INDEX).nonzero(as_tuple=True) if source.sparse_targets else None
             with autocast:
                 logits = engine.forward(micro_in, sp=sp, scored=scored_rows)
             labels = micro_tg[scored_rows] if scored_rows is not None else micro_tg.flatten()
