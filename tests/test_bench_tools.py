@@ -65,6 +65,33 @@ runs:
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
 
 
+def test_results_runner_sequential_and_added_runs(tmp_path):
+    """--sequential --steps N: no probe, the runs one after another; a later --only call adds a run to the
+    same directory's summary.json without dropping the earlier ones. A degree-3 group (S3) plots with its name."""
+    root = TOOLS.parent
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+group: s3
+eval_points: 1
+set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6, 9]", train.eval_batches=1, train.eval_batch_size=4,
+      train.device=cpu, data.degree=3]
+runs:
+  - {{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, set: [model.d_model=16, model.inf_layers=1]}}
+  - {{name: s3_transformer_s0, config: {root}/configs/results/s3_cpu_transformer.yaml, set: [model.d_model=16, model.n_layers=1]}}
+""")
+    out = tmp_path / "runs"
+    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--sequential", "--steps", "3",
+             "--only", "s3_psm_c1_s0", "--budget-s", "200")
+    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--sequential", "--steps", "2",
+             "--only", "s3_transformer_s0", "--budget-s", "200")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [summary["runs"][n]["steps"] for n in ("s3_psm_c1_s0", "s3_transformer_s0")] == [3, 2]
+    assert all(r["returncode"] == 0 for r in summary["runs"].values()) and not (out / "probe_plain").exists()
+    done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_s3")
+    assert "### S3 (not S5) (runs)" in done.stdout and "chance 1/6" in done.stdout
+    assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
+
+
 def test_profile_scan_needs_a_gpu():
     """A GPU-only tool: it imports on CPU and says what it needs instead of failing deep inside."""
     done = subprocess.run([sys.executable, str(TOOLS / "profile_scan.py"), "--seq-len", "64"], capture_output=True,
@@ -103,3 +130,7 @@ def test_s5_runs_group_by_model_and_variant():
     assert s5_group("s5_transformer_drop_s1")[1:] == ("transformer_drop", "Transformer (drop)")
     assert s5_group("s5_mamba2_s0")[0] > s5_group("s5_transformer_s0")[0] > s5_group("s5_psm_c1_s0")[0]
     assert s5_group("s5_psm_c16_s0") is None and s5_group("mqar_psm_c64_L128") is None  # not an S5 model named here
+    # a smaller symmetric group (data.degree 3): s3_<model>..., grouped the same way
+    assert s5_group("s3_psm_c1_s0")[1:] == s5_group("s3_psm_c1_s1")[1:] == ("psm_c1", "Transformer-PSM c=1")
+    assert s5_group("s3_mamba2_s0")[1:] == ("mamba2", "Mamba2")
+    assert s5_group("s7_psm_c1_s0") is None and s5_group("s3_cpu") is None

@@ -1,11 +1,15 @@
 """MQAR and S5 batches checked example by example in plain Python."""
 
 import itertools
+import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from psm_train.config import ConfigError, load_config
+from psm_train.data import build_source
 from psm_train.data.synthetic import IGNORE_INDEX, MQAR, S5, MQARConfig, S5Config, permutation_table
 
 MQAR_CONFIGS = [
@@ -223,9 +227,53 @@ def test_s5_curriculum() -> None:
     assert [task.train_seq_len(s) for s in range(0, 1500, 5)] == lens
 
 
+@pytest.mark.parametrize("degree", [3, 4])
+def test_permutation_table_smaller_groups(degree: int) -> None:
+    """S3 and S4: same id order and convention as S5, and a group table (checked exhaustively)."""
+    perms, table = permutation_table(degree)
+    n = math.factorial(degree)
+    assert perms == list(itertools.permutations(range(degree))) and perms[0] == tuple(range(degree))
+    assert table.shape == (n, n) and table.dtype == torch.int64
+    full = torch.arange(n)
+    assert torch.equal(table[0], full) and torch.equal(table[:, 0], full)  # id 0 is the identity
+    assert torch.equal(table.sort(dim=0).values, full[:, None].expand(n, n))  # every column a permutation
+    assert torch.equal(table.sort(dim=1).values, full[None, :].expand(n, n))  # every row a permutation
+    rows = table.tolist()
+    for i, p in enumerate(perms):
+        for j, s in enumerate(perms):
+            assert perms[rows[i][j]] == tuple(p[s[k]] for k in range(degree))  # (p ∘ s)(k) = p(s(k))
+    # associativity, all n^3 triples: (a ∘ b) ∘ c == a ∘ (b ∘ c)
+    a, b, c = torch.meshgrid(full, full, full, indexing="ij")
+    assert torch.equal(table[table[a, b], c], table[a, table[b, c]])
+
+
+def test_s3_targets_are_a_left_fold() -> None:
+    task = S5(S5Config(degree=3))
+    perms = list(itertools.permutations(range(3)))
+    assert task.vocab_size == 6
+    inputs, targets = task.make_batch(16, 30, gen(3))
+    assert int(inputs.min()) >= 0 and int(inputs.max()) < 6
+    assert inputs.unique().numel() == 6
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        for t in range(len(x)):
+            state = (0, 1, 2)
+            for tok in x[: t + 1]:  # σ_t = π_t ∘ … ∘ π_0, folded from the identity
+                state = tuple(perms[tok][state[k]] for k in range(3))
+            assert perms[y[t]] == state
+
+
+def test_s5_default_degree_unchanged() -> None:
+    assert S5Config().degree == 5
+    a = S5(S5Config()).make_batch(4, 12, gen(7))
+    b = S5(S5Config(degree=5)).make_batch(4, 12, gen(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
+        (dict(degree=1), "degree"),
+        (dict(degree=7), "degree"),
         (dict(min_len=0), "min_len"),
         (dict(min_len=5, max_len=4), "max_len"),
         (dict(curriculum_steps=-1), "curriculum_steps"),
@@ -237,3 +285,14 @@ def test_s5_validate(kwargs: dict, name: str) -> None:
         S5Config(**kwargs).validate()
     with pytest.raises(ValueError, match=f"^{name}:"):
         S5(S5Config(**kwargs))
+
+
+def test_s5_degree_from_the_command_line() -> None:
+    """--set data.degree=N reaches the task; a bad degree names data.degree."""
+    config = Path(__file__).parent.parent / "configs" / "results" / "s5_psm_c1.yaml"
+    cfg = load_config(config, ["data.degree=3"])
+    assert cfg.data.config.degree == 3
+    assert build_source(cfg.data.name, cfg.data.config, 0).vocab_size == 6
+    assert load_config(config).data.config.degree == 5
+    with pytest.raises(ConfigError, match=r"data\.degree: expected an integer in \[2, 6\]"):
+        load_config(config, ["data.degree=8"])

@@ -73,7 +73,8 @@ def check(decay, T, chunk_size, with_initial, dtype, strength=1.0, **dims):
 
 
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
-@pytest.mark.parametrize("T,chunk_size", [(37, 16), (64, 32), (50, 5)])  # 5 runs as the kernels' 16
+# chunk 5 runs as the kernels' 16; T 150 crosses several chunks of every kernel chunk size
+@pytest.mark.parametrize("T,chunk_size", [(37, 16), (64, 32), (50, 5), (150, 64)])
 @pytest.mark.parametrize("with_initial", [False, True])
 def test_matches_reference_fp32(decay, T, chunk_size, with_initial):
     check(decay, T, chunk_size, with_initial, torch.float32)
@@ -81,14 +82,16 @@ def test_matches_reference_fp32(decay, T, chunk_size, with_initial):
 
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
 def test_strong_decay_and_odd_dims(decay):
-    """Log decay down to -20 per token (e^{+260} would overflow fp32) and head dims that are no tile size."""
-    check(decay, 45, 16, True, torch.float32, strength=20.0, K=24, V=20)
+    """Log decay down to -20 per token (e^{+260} would overflow fp32) and head dims that are no tile size,
+    over several chunks."""
+    check(decay, 150, 16, True, torch.float32, strength=20.0, K=24, V=20)
 
 
-def test_head_dims_over_one_block():
-    """K and V over 64: the scalar-decay gradient kernels split K (and V) into blocks and sum the
-    decay gradient over the K blocks."""
-    check("scalar", 40, 16, True, torch.float32, K=80, V=72, H=1)
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+def test_head_dims_over_one_block(decay):
+    """K and V over 64: the scalar-decay gradient kernels walk K and V in blocks and sum the decay
+    gradient over the K blocks; the diagonal ones walk K in slices with all of V in one tile."""
+    check(decay, 40, 16, True, torch.float32, K=80, V=72, H=1)
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 kernels run on the GPU")

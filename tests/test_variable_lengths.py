@@ -1,5 +1,5 @@
 """Training on a task whose length varies from step to step (S5: 2..6 tokens) in one process, and the
-shipped S5 and MQAR configs (configs/ and configs/results/) run for a few steps on CPU."""
+shipped S5 (and S3) and MQAR configs (configs/ and configs/results/) run for a few steps on CPU."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_one_process_trains_at_every_length(tmp_path, model):
 
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-TASK_CONFIGS = sorted(p for folder in (CONFIGS, CONFIGS / "results") for pattern in ("s5_*.yaml", "mqar_*.yaml")
+TASK_CONFIGS = sorted(p for folder in (CONFIGS, CONFIGS / "results") for pattern in ("s5_*.yaml", "s3_cpu_*.yaml", "mqar_*.yaml")
                       for p in folder.glob(pattern))
 
 

@@ -14,6 +14,13 @@ one process each. Two phases:
    [steps.min, steps.max]; fields listed under ``scale`` are set proportionally to the steps
    (e.g. the S5 curriculum over the first quarter); evaluation runs ``eval_points`` times.
 
+``--sequential`` (a CPU with few cores) probes and trains the runs one after another instead;
+``--budget-s`` is then the wall time of all runs of a plan together, so every run of a plan gets
+``--budget-s`` × ``--safety`` / Σ(1 / probe rate) steps. ``--steps N`` skips the probe and
+trains every run N steps (each run is still killed after ``--budget-s`` × ``--kill-after``).
+With ``--only``, the entries of the other runs already in ``--out-dir``/summary.json are kept,
+so runs can be added to one directory call by call.
+
 ``--mps auto`` probes twice, without and then with an MPS daemon (kernels of different processes
 then share the GPU instead of taking turns), and trains in the mode whose summed probe rate is
 higher by 10% or more; ``on`` always uses MPS when the daemon starts.
@@ -153,6 +160,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every run, last (e.g. train.device=cpu for a dry run)")
     ap.add_argument("--pack", help="write the run directories (no checkpoints) into this .tar.gz")
+    ap.add_argument("--sequential", action="store_true",
+                    help="probe and train one run at a time (CPU); --budget-s is then the total of a plan's runs")
+    ap.add_argument("--steps", type=int, help="train every run this many steps, without a probe")
     args = ap.parse_args()
 
     GLOBAL_SET.extend(args.overrides)
@@ -164,6 +174,18 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     summary: dict = dict(args=vars(args), started=time.strftime("%Y-%m-%d %H:%M:%S"), runs={})
     runs = [(plan, run) for plan in plans for run in plan["runs"] if not args.only or run["name"] in args.only]
+    if args.only and (out_dir / "summary.json").is_file():  # keep the other runs of this directory
+        previous = json.loads((out_dir / "summary.json").read_text())
+        summary["runs"] = {k: v for k, v in previous.get("runs", {}).items() if k not in args.only}
+
+    def run_all(procs: dict[str, tuple], limit_s: float) -> dict[str, dict]:
+        """Start the (name, thunk) pairs of ``procs`` at once, or one after another with --sequential."""
+        if not args.sequential:
+            return wait_all({name: (start(), time.time()) for name, start in procs.items()}, limit_s)
+        out = {}
+        for name, start in procs.items():
+            out.update(wait_all({name: (start(), time.time())}, limit_s))
+        return out
 
     def save():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -175,8 +197,9 @@ def main() -> None:
         for plan, run in runs:
             extra = [f"train.steps={args.probe_steps}", f"train.log_every={half}", "train.eval_every=0",
                      "train.eval_batches=1", "train.warmup_steps=1", *plan["probe_set"]]
-            procs[run["name"]] = (launch(run, plan, out_dir / f"probe_{tag}" / run["name"], extra, env), time.time())
-        done = wait_all(procs, limit_s=limit_s)
+            procs[run["name"]] = (lambda run=run, plan=plan, extra=extra:
+                                  launch(run, plan, out_dir / f"probe_{tag}" / run["name"], extra, env))
+        done = run_all(procs, limit_s=limit_s)
         rates = {}
         for plan, run in runs:
             rate = rates[run["name"]] = probe_rate(out_dir / f"probe_{tag}" / run["name"])
@@ -191,7 +214,11 @@ def main() -> None:
     try:
         # 1. probe (with --mps auto: without and with MPS, keeping the faster)
         mps_on = False
-        if args.mps in ("on", "auto"):
+        if args.steps:
+            rates = {run["name"]: None for _, run in runs}
+            for plan, run in runs:
+                summary["runs"][run["name"]] = dict(group=plan["group"], config=run["config"])
+        elif args.mps in ("on", "auto"):
             rates = probe("plain") if args.mps == "auto" else None
             summary["mps"] = start_mps(env)
             print(summary["mps"], flush=True)
@@ -219,19 +246,26 @@ def main() -> None:
 
         # 2. train
         for plan in plans:
-            rates = [summary["runs"][r["name"]]["probe_rate"] for r in plan["runs"] if r["name"] in summary["runs"]]
+            if args.steps:
+                plan["chosen_steps"] = args.steps
+                print(f"group {plan['group']}: {args.steps} steps (--steps)", flush=True)
+                continue
+            rates = [summary["runs"][r["name"]]["probe_rate"] for _, r in runs if r in plan["runs"]]
             rates = [r for r in rates if r]
             if not rates:
                 continue
             lim = plan["steps"]
-            steps = int(min(rates) * args.budget_s * args.safety) // lim["round"] * lim["round"]
+            # concurrent runs: the slowest sets the pace; sequential runs: the steps of all add up
+            rate = 1 / sum(1 / r for r in rates) if args.sequential else min(rates)
+            steps = int(rate * args.budget_s * args.safety) // lim["round"] * lim["round"]
             plan["chosen_steps"] = max(lim["min"], min(lim["max"], steps))
-            print(f"group {plan['group']}: {plan['chosen_steps']} steps (slowest probe {min(rates):.2f} steps/s)", flush=True)
+            print(f"group {plan['group']}: {plan['chosen_steps']} steps ({'summed' if args.sequential else 'slowest'} "
+                  f"probe rate {rate:.2f} steps/s)", flush=True)
         t0 = time.time()
         procs = {}
         for plan, run in runs:
             info = summary["runs"][run["name"]]
-            if "chosen_steps" not in plan or not info["probe_rate"]:
+            if "chosen_steps" not in plan or not (info["probe_rate"] or args.steps):
                 info["skipped"] = "probe failed"
                 continue
             steps = plan["chosen_steps"]
@@ -239,9 +273,9 @@ def main() -> None:
                      f"train.log_every={max(1, steps // 50)}"]
             extra += [f"{key}={max(1, int(frac * steps))}" for key, frac in plan["scale"].items()]
             info.update(steps=steps, overrides=[*plan["set"], *run["set"], *extra, *GLOBAL_SET])
-            procs[run["name"]] = (launch(run, plan, out_dir / run["name"], extra, env), time.time())
+            procs[run["name"]] = lambda run=run, plan=plan, extra=extra: launch(run, plan, out_dir / run["name"], extra, env)
         save()
-        done = wait_all(procs, limit_s=args.budget_s * args.kill_after)
+        done = run_all(procs, limit_s=args.budget_s * args.kill_after)
         summary["train_s"] = time.time() - t0
         for name, res in done.items():
             info = summary["runs"][name]

@@ -4,7 +4,8 @@ the JSON of tools/bench_generation.py.
     python tools/plot_results.py --runs RESULTS_DIR [RESULTS_DIR ...] --generation bench_generation.json --out-dir docs
 
 Writes results_s5.png (accuracy against position at the longest S5 eval length, mean and range
-over seeds), results_mqar.png (query accuracy against training length), results_lm.png
+over seeds; runs of a smaller symmetric group, data.degree < 5, get their group's name and chance
+line), results_mqar.png (query accuracy against training length), results_lm.png
 (validation perplexity and training loss against step) and results_generation.png (ms per token
 and state memory against context length), for whichever of those the inputs hold, and prints
 the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead.
@@ -63,8 +64,9 @@ def mean_sd(xs: list[float]) -> str:
 
 def s5_group(name: str) -> tuple[int, str, str] | None:
     """(model order, group key, label) of an S5 run named s5_<model>[_<variant>][_s<seed>], or None.
-    Runs that differ only in the seed form one group."""
-    m = re.fullmatch(r"s5_(.+?)(?:_s\d+)?", name)
+    Runs that differ only in the seed form one group. Runs of a smaller symmetric group
+    (data.degree < 5) are named the same way with s<degree>_ in front, e.g. s3_psm_c1_s0."""
+    m = re.fullmatch(r"s[2-6]_(.+?)(?:_s\d+)?", name)
     if not m:
         return None
     key = m.group(1)
@@ -92,7 +94,10 @@ def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
         first = next(iter(groups.values()))[0]
         steps = first["summary"].get("steps", "?")
         trained = first["config"].get("data", {}).get("max_len", 18)  # the longest training length
-        print(f"\n### S5 ({label_dir}): accuracy per evaluation length, {steps} steps (mean ± sd over seeds)\n")
+        degree = first["config"].get("data", {}).get("degree", 5)  # the group S_degree, degree! elements
+        group_name = f"S{degree}" + ("" if degree == 5 else " (not S5)")
+        print(f"\n### {group_name} ({label_dir}): accuracy per evaluation length, {steps} steps (mean ± sd over seeds), "
+              f"chance 1/{math.factorial(degree)}\n")
         print("| model | params | seeds | steps | " + " | ".join(f"acc @{L}" for L in lengths)
               + f" | positions 1-3 (len {longest}) | mean acc, positions {trained + 1}-{longest} |")
         print("|---|---|---|---|" + "---|" * len(lengths) + "---|---|")
@@ -105,13 +110,16 @@ def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
                             [max(c[t] for c in curves) for t in range(len(pos))], color=line.get_color(), alpha=0.2)
             accs = [mean_sd([r["eval"][str(L)]["acc"] for r in group]) for L in lengths]
             beyond = f"{statistics.mean(mean[trained:]):.3f}" if len(mean) > trained else "–"
-            print(f"| {label} | {group[0]['params']}M | {len(group)} | {steps} | " + " | ".join(accs)
+            run_steps = group[0]["summary"].get("steps", "?")  # a variant may have trained longer
+            print(f"| {label} | {group[0]['params']}M | {len(group)} | {run_steps} | " + " | ".join(accs)
                   + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond} |")
         ax.axvline(trained, color="gray", ls="--", lw=1)
         ax.text(trained + 1, 0.95, f"longest training length ({trained})", fontsize=8, color="gray")
-        ax.axhline(1 / 120, color="gray", ls=":", lw=1)
+        ax.axhline(1 / math.factorial(degree), color="gray", ls=":", lw=1)
+        ax.text(0.85 * int(longest), 1 / math.factorial(degree) + 0.015, f"chance 1/{math.factorial(degree)}", fontsize=8,
+                color="gray")
         ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
-               ylim=(0, 1.02), title=f"S5 state tracking, {steps} steps ({label_dir})")
+               ylim=(0, 1.02), title=f"{group_name} state tracking, {steps} steps ({label_dir})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

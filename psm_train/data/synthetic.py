@@ -1,4 +1,4 @@
-"""Synthetic tasks: multi-query associative recall (MQAR) and S5 state tracking.
+"""Synthetic tasks: multi-query associative recall (MQAR) and S5 state tracking (or S_n, n = 2..6).
 
 Every batch is drawn from the caller's ``torch.Generator`` only, so it is a pure function of that
 generator's seed and state: no global RNG, no numpy randomness.
@@ -58,8 +58,12 @@ class MQARConfig:
 
 @dataclass
 class S5Config:
-    """S5 state tracking: the word problem of the symmetric group on 5 elements."""
+    """S5 state tracking: the word problem of the symmetric group on ``degree`` elements.
 
+    degree 5 (the default) is S5 with 120 group elements; degree 3 is S3 (6), degree 4 is S4 (24).
+    """
+
+    degree: int = 5  # the group is S_degree, with degree! elements (the vocabulary and the classes)
     min_len: int = 2
     max_len: int = 18  # longest training length
     curriculum_steps: int = 0  # 0: uniform in [min_len, max_len]; > 0: upper bound grows linearly
@@ -67,6 +71,8 @@ class S5Config:
 
     def validate(self) -> None:
         """Raise ValueError("<field>: ...") on an inconsistent configuration."""
+        if not isinstance(self.degree, int) or not 2 <= self.degree <= 6:
+            raise ValueError(f"degree: expected an integer in [2, 6], got {self.degree!r}")
         if self.min_len < 1:
             raise ValueError(f"min_len: expected >= 1, got {self.min_len}")
         if self.max_len < self.min_len:
@@ -131,27 +137,31 @@ class MQAR:
         return example[:, :-1], targets
 
 
-def permutation_table() -> tuple[list[tuple[int, ...]], Tensor]:
-    """The 120 elements of S5 in itertools.permutations(range(5)) order, and their composition table.
+def permutation_table(degree: int = 5) -> tuple[list[tuple[int, ...]], Tensor]:
+    """The n! elements of S_n (n = ``degree``; 120 for the default S5) in
+    itertools.permutations(range(n)) order, and their composition table.
 
-    Returns (perms, table) with table [120, 120] int64, table[p, s] = id of perms[p] ∘ perms[s],
+    Returns (perms, table) with table [n!, n!] int64, table[p, s] = id of perms[p] ∘ perms[s],
     where (π ∘ σ)(i) = π(σ(i)). Id 0 is the identity.
     """
-    perms = list(itertools.permutations(range(5)))
+    if not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree: expected an integer >= 1, got {degree!r}")
+    perms = list(itertools.permutations(range(degree)))
     index = {p: i for i, p in enumerate(perms)}
-    table = [[index[tuple(p[s[i]] for i in range(5))] for s in perms] for p in perms]
+    table = [[index[tuple(p[s[i]] for i in range(degree))] for s in perms] for p in perms]
     return perms, torch.tensor(table, dtype=torch.int64)
 
 
 class S5:
-    """S5 word-problem batches: tokens are permutations, targets the running product."""
+    """Word-problem batches of S_n (S5 by default, n = cfg.degree): tokens are permutations, targets
+    the running product. vocab_size = n! (120 for S5)."""
 
     sparse_targets = False
 
     def __init__(self, cfg: S5Config):
         cfg.validate()
         self.cfg = cfg
-        self.perms, self.table = permutation_table()
+        self.perms, self.table = permutation_table(cfg.degree)
         self.vocab_size = len(self.perms)
 
     def train_seq_len(self, step: int) -> int:
@@ -172,7 +182,8 @@ class S5:
         return _unique([self.cfg.max_len, *self.cfg.eval_seq_lens])
 
     def make_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Draw (inputs [B, T], targets [B, T]), both int64 ids in [0, 120); B = batch_size, T = seq_len.
+        """Draw (inputs [B, T], targets [B, T]), both int64 ids in [0, n!) (n! = 120 for S5); B = batch_size,
+        T = seq_len.
 
         inputs are uniform group elements π_t; targets[t] is σ_t = π_t ∘ σ_{t-1}, σ_{-1} = identity.
         Every position is scored.
