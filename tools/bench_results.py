@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -178,8 +179,9 @@ def main() -> None:
         previous = json.loads((out_dir / "summary.json").read_text())
         summary["runs"] = {k: v for k, v in previous.get("runs", {}).items() if k not in args.only}
 
-    def run_all(procs: dict[str, tuple], limit_s: float) -> dict[str, dict]:
-        """Start the (name, thunk) pairs of ``procs`` at once, or one after another with --sequential."""
+    def run_all(procs: dict[str, Callable[[], subprocess.Popen]], limit_s: float) -> dict[str, dict]:
+        """Start the processes of ``procs`` (name -> function that starts one) at once, or one after
+        another with --sequential."""
         if not args.sequential:
             return wait_all({name: (start(), time.time()) for name, start in procs.items()}, limit_s)
         out = {}
