@@ -1,4 +1,5 @@
-"""Every model: the parallel forward equals online generation token by token (float64), and is causal."""
+"""Every model: the parallel forward equals online generation token by token (float64), and is causal; the
+trimmed last block equals the full one."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from psm_train.models import MODELS, build_model
+from psm_train.models.layers import Block
 
 VOCAB = 37
 T = 23  # not a multiple of any chunk size below
@@ -99,3 +101,49 @@ def test_sliding_window_forgets_old_tokens():
     # With one layer, position t sees tokens (t - window, t]: token 2 reaches positions 2..6 only.
     assert (a[:, 2 : 2 + window] - b[:, 2 : 2 + window]).abs().amax(-1).min() > 1e-9
     torch.testing.assert_close(a[:, 2 + window :], b[:, 2 + window :], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("only_last", [1, 4, 9])
+def test_block_only_last_matches_the_full_blocks_last_rows(causal, only_last):
+    """The trimmed last block (Agg's newer half, Inf's chunk): outputs and every gradient as the full block's."""
+    torch.manual_seed(0)
+    block = Block(16, 2, 4.0, 1e-6).double()
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    positions = torch.arange(9)
+    weight = torch.randn(3, only_last, 16, dtype=torch.float64)
+
+    full = block(x, positions, causal=causal)[:, 9 - only_last :]
+    full_grads = torch.autograd.grad((full * weight).sum(), [x, *block.parameters()])
+    trimmed = block(x, positions, causal=causal, only_last=only_last)
+    trimmed_grads = torch.autograd.grad((trimmed * weight).sum(), [x, *block.parameters()])
+
+    assert trimmed.shape == full.shape
+    torch.testing.assert_close(trimmed, full, rtol=1e-12, atol=1e-12)
+    for a, b in zip(trimmed_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("only_last", [0, 10])
+def test_block_only_last_out_of_range_is_refused(only_last):
+    block = Block(16, 2, 4.0, 1e-6)
+    with pytest.raises(ValueError, match="only_last must be in 1..9"):
+        block(torch.randn(1, 9, 16), torch.arange(9), causal=True, only_last=only_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 attention backends)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_only_last_on_gpu_bf16_is_as_accurate_as_the_full_block(causal):
+    """On the GPU the trimmed block takes other attention kernels (fewer queries than keys): measured against
+    a float32 run of the same block, its bf16 error must be that of the full block's, within a factor 1.5."""
+    torch.manual_seed(0)
+    block = Block(512, 8, 4.0, 1e-6).cuda()
+    x = torch.randn(64, 128, 512, device="cuda")
+    positions = torch.arange(128, device="cuda")
+    exact = block(x, positions, causal=causal)[:, 64:]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        full = block(x, positions, causal=causal)[:, 64:].float()
+        trimmed = block(x, positions, causal=causal, only_last=64).float()
+    full_error = (full - exact).abs().max().item()
+    assert full_error > 0
+    assert (trimmed - exact).abs().max().item() <= 1.5 * full_error

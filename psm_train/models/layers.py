@@ -101,15 +101,27 @@ class SelfAttention(nn.Module):
         window: int | None = None,
         cache: KVCache | None = None,
         sp: SequenceParallel | None = None,
+        only_last: int | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim]; positions: [T] rotary positions of x's tokens. Returns [B, T, dim].
 
         With ``sp``, x is this rank's zigzag slice of a causal sequence (context parallelism).
+        With ``only_last`` m, only the last m positions query (keys and values come from all T):
+        returns [B, m, dim], the same as the full result's last m rows.
         """
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rotary(positions, self.head_dim, self.rope_base, x.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if only_last is None:
+            q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q = apply_rotary(q, cos, sin)
+        else:
+            if cache is not None or sp is not None or not 0 < only_last <= t:
+                raise ValueError(f"only_last must be in 1..{t} and used without a KV cache or sequence parallelism")
+            w_q, w_kv = self.qkv.weight.split((self.qkv.in_features, 2 * self.qkv.in_features))
+            q = F.linear(x[:, t - only_last :], w_q).view(b, only_last, self.n_heads, self.head_dim).transpose(1, 2)
+            k, v = F.linear(x, w_kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q = apply_rotary(q, cos[t - only_last :], sin[t - only_last :])
+        k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
         if sp is None:
@@ -118,7 +130,7 @@ class SelfAttention(nn.Module):
             y = cp_attention(q, k, v, sp, window=window)
         else:
             raise ValueError("context parallelism supports causal attention without a KV cache only")
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], -1))
 
 
 class Block(nn.Module):
@@ -134,8 +146,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.drop = nn.Dropout(dropout)  # p = 0 returns its input unchanged and draws no random numbers
 
-    def forward(self, x, positions, *, causal, window=None, cache=None, sp=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache, sp=sp))
+    def forward(self, x, positions, *, causal, window=None, cache=None, sp=None, only_last=None):
+        """``only_last`` m: the output of the last m positions only, [B, m, dim]; it skips their queries' and the
+        MLP's work on the other positions (a model's last block, when it keeps only part of its window)."""
+        h = self.attn(self.attn_norm(x), positions, causal=causal, window=window, cache=cache, sp=sp, only_last=only_last)
+        if only_last is not None:
+            x = x[:, x.shape[1] - only_last :]
+        x = x + self.drop(h)
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 

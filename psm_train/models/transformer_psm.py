@@ -48,6 +48,18 @@ class TransformerPSMConfig:
         require_dropout(self.dropout)
 
 
+def run_blocks(blocks: nn.ModuleList, z: torch.Tensor, positions: torch.Tensor, *, causal: bool, keep: int) -> torch.Tensor:
+    """The blocks over the window z [N, W, d]; returns the last ``keep`` positions [N, keep, d].
+
+    The last block computes only those positions (their queries, output projection and MLP): the
+    others would be dropped (Inf's prefix slots, Agg's older half).
+    """
+    only_last = keep if keep < z.shape[1] else None
+    for i, block in enumerate(blocks):
+        z = block(z, positions, causal=causal, only_last=only_last if i == len(blocks) - 1 else None)
+    return z
+
+
 class TransformerPSM(CausalLM):
     def __init__(self, cfg: TransformerPSMConfig, vocab_size: int):
         super().__init__()
@@ -75,9 +87,7 @@ class TransformerPSM(CausalLM):
         """Agg: [N, c, d] x [N, c, d] -> [N, c, d], the right half of bidirectional blocks."""
         z = torch.cat((older, newer), dim=1)
         positions = self.window_positions(z.device)
-        for block in self.agg_blocks:
-            z = block(z, positions, causal=False)
-        return z[:, self.cfg.chunk_size :]
+        return run_blocks(self.agg_blocks, z, positions, causal=False, keep=newer.shape[1])
 
     def infer(self, prefix: torch.Tensor | None, chunk: torch.Tensor) -> torch.Tensor:
         """Inf: hidden states [N, c', d] of the chunk's tokens given the prefix state [N, c, d] or None."""
@@ -87,9 +97,7 @@ class TransformerPSM(CausalLM):
             z, positions = chunk, positions[c : c + chunk.shape[1]]
         else:
             z, positions = torch.cat((prefix, chunk), dim=1), positions[: c + chunk.shape[1]]
-        for block in self.inf_blocks:
-            z = block(z, positions, causal=True)
-        return z[:, z.shape[1] - chunk.shape[1] :]
+        return run_blocks(self.inf_blocks, z, positions, causal=True, keep=chunk.shape[1])
 
     def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
         c = self.cfg.chunk_size
