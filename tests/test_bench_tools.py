@@ -87,9 +87,10 @@ runs:
     summary = json.loads((out / "summary.json").read_text())
     assert [summary["runs"][n]["steps"] for n in ("s3_psm_c1_s0", "s3_transformer_s0")] == [3, 2]
     assert all(r["returncode"] == 0 for r in summary["runs"].values()) and not (out / "probe_plain").exists()
-    done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_s3")
+    done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_s3", "--log-acc")
     assert "### S3 (not S5) (runs)" in done.stdout and "chance 1/6" in done.stdout
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
+    assert (tmp_path / "plots" / "results_s5_s3.png").is_file()
 
 
 def test_profile_scan_needs_a_gpu():
@@ -134,3 +135,25 @@ def test_s5_runs_group_by_model_and_variant():
     assert s5_group("s3_psm_c1_s0")[1:] == s5_group("s3_psm_c1_s1")[1:] == ("psm_c1", "Transformer-PSM c=1")
     assert s5_group("s3_mamba2_s0")[1:] == ("mamba2", "Mamba2")
     assert s5_group("s7_psm_c1_s0") is None and s5_group("s3_cpu") is None
+
+
+def test_mqar_table_shows_a_killed_runs_last_evaluation(tmp_path):
+    """A run killed before its final evaluation is reported with its last logged one, marked, not as failed."""
+    out = tmp_path / "mqar"
+    runs = {"mqar_psm_c64_L512": {"steps": 3700}, "mqar_gla_L512": {"steps": 3700}, "mqar_transformer_L512": {"steps": 3700}}
+    (out / "mqar_psm_c64_L512").mkdir(parents=True)
+    (out / "mqar_psm_c64_L512" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [{"step": 740, "eval/len512/acc": 0.16}, {"step": 1480, "loss": 1.0},
+                                          {"step": 2960, "eval/len512/acc": 0.728}, {"step": 3000, "loss": 0.9}])
+    )
+    (out / "mqar_gla_L512").mkdir()  # no evaluation at all: failed
+    (out / "mqar_transformer_L512").mkdir()
+    (out / "mqar_transformer_L512" / "eval.json").write_text(json.dumps({"512": {"acc": 0.337}}))
+    (out / "summary.json").write_text(json.dumps({"runs": runs}))
+
+    table = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots")).stdout
+    rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["| Transformer-PSM c=64"] == "0.728 (killed; last evaluation, step 2960) |"
+    assert rows["| GLA"] == "failed |"
+    assert rows["| Transformer"] == "0.337 |"
+    assert (tmp_path / "plots" / "results_mqar.png").is_file()

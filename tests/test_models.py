@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from psm_train.models import MODELS, build_model
-from psm_train.models.layers import Block
+from psm_train.models.layers import Block, rotary
 
 VOCAB = 37
 T = 23  # not a multiple of any chunk size below
@@ -110,12 +110,12 @@ def test_block_only_last_matches_the_full_blocks_last_rows(causal, only_last):
     torch.manual_seed(0)
     block = Block(16, 2, 4.0, 1e-6).double()
     x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
-    positions = torch.arange(9)
+    rope = rotary(torch.arange(9), 8, 10000.0, torch.float64)
     weight = torch.randn(3, only_last, 16, dtype=torch.float64)
 
-    full = block(x, positions, causal=causal)[:, 9 - only_last :]
+    full = block(x, rope, causal=causal)[:, 9 - only_last :]
     full_grads = torch.autograd.grad((full * weight).sum(), [x, *block.parameters()])
-    trimmed = block(x, positions, causal=causal, only_last=only_last)
+    trimmed = block(x, rope, causal=causal, only_last=only_last)
     trimmed_grads = torch.autograd.grad((trimmed * weight).sum(), [x, *block.parameters()])
 
     assert trimmed.shape == full.shape
@@ -128,7 +128,7 @@ def test_block_only_last_matches_the_full_blocks_last_rows(causal, only_last):
 def test_block_only_last_out_of_range_is_refused(only_last):
     block = Block(16, 2, 4.0, 1e-6)
     with pytest.raises(ValueError, match="only_last must be in 1..9"):
-        block(torch.randn(1, 9, 16), torch.arange(9), causal=True, only_last=only_last)
+        block(torch.randn(1, 9, 16), rotary(torch.arange(9), 8, 10000.0, torch.float32), causal=True, only_last=only_last)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 attention backends)")
@@ -139,11 +139,11 @@ def test_block_only_last_on_gpu_bf16_is_as_accurate_as_the_full_block(causal):
     torch.manual_seed(0)
     block = Block(512, 8, 4.0, 1e-6).cuda()
     x = torch.randn(64, 128, 512, device="cuda")
-    positions = torch.arange(128, device="cuda")
-    exact = block(x, positions, causal=causal)[:, 64:]
+    rope = rotary(torch.arange(128, device="cuda"), 64, 10000.0, torch.float32)
+    exact = block(x, rope, causal=causal)[:, 64:]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        full = block(x, positions, causal=causal)[:, 64:].float()
-        trimmed = block(x, positions, causal=causal, only_last=64).float()
+        full = block(x, rope, causal=causal)[:, 64:].float()
+        trimmed = block(x, rope, causal=causal, only_last=64).float()
     full_error = (full - exact).abs().max().item()
     assert full_error > 0
     assert (trimmed - exact).abs().max().item() <= 1.5 * full_error

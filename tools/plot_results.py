@@ -8,7 +8,9 @@ over seeds; runs of a smaller symmetric group, data.degree < 5, get their group'
 line), results_mqar.png (query accuracy against training length), results_lm.png
 (validation perplexity and training loss against step) and results_generation.png (ms per token
 and state memory against context length), for whichever of those the inputs hold, and prints
-the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead.
+the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead; ``--log-acc`` draws
+the S5 accuracy on a logarithmic axis, with the level of a model that knows only the sign of the
+permutation. An MQAR run killed before its final evaluation is shown with its last logged one.
 """
 
 from __future__ import annotations
@@ -78,8 +80,12 @@ def s5_group(name: str) -> tuple[int, str, str] | None:
     return list(S5_NAMES).index(base), key, S5_NAMES[base] + (f" ({variant})" if variant else "")
 
 
-def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
-    """One panel per experiment (results directory): accuracy against position, mean and range over seeds."""
+def s5(experiments: list[tuple[str, dict]], png: Path, log_acc: bool = False) -> None:
+    """One panel per experiment (results directory): accuracy against position, mean and range over seeds.
+
+    ``log_acc``: a logarithmic accuracy axis with a line at 2/n!, the accuracy of a model that knows
+    only the sign of the running permutation (S_n's quotient by A_n), and chance (1/n!) apart.
+    """
     experiments = [(label, runs) for label, runs in experiments if any(s5_group(n) for n in runs)]
     if not experiments:
         return
@@ -115,11 +121,17 @@ def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
                   + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond} |")
         ax.axvline(trained, color="gray", ls="--", lw=1)
         ax.text(trained + 1, 0.95, f"longest training length ({trained})", fontsize=8, color="gray")
-        ax.axhline(1 / math.factorial(degree), color="gray", ls=":", lw=1)
-        ax.text(0.85 * int(longest), 1 / math.factorial(degree) + 0.015, f"chance 1/{math.factorial(degree)}", fontsize=8,
-                color="gray")
+        chance = 1 / math.factorial(degree)
+        ax.axhline(chance, color="gray", ls=":", lw=1)
+        ax.text(*((trained + 1, chance * 0.75) if log_acc else (0.85 * int(longest), chance + 0.015)),
+                f"chance 1/{math.factorial(degree)}", fontsize=8, color="gray")
+        if log_acc:
+            ax.axhline(2 * chance, color="gray", ls="-.", lw=1)
+            ax.text(0.6 * int(longest), 2 * chance * 1.15, f"sign of the permutation only, 2/{math.factorial(degree)}",
+                    fontsize=8, color="gray")
         ax.set(xlabel="position (prefix length)", ylabel=f"accuracy at that position (eval length {longest})",
-               ylim=(0, 1.02), title=f"{group_name} state tracking, {steps} steps ({label_dir})")
+               yscale="log" if log_acc else "linear", ylim=(chance / 2, 1.3) if log_acc else (0, 1.02),
+               title=f"{group_name} state tracking, {steps} steps ({label_dir})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -127,22 +139,32 @@ def s5(experiments: list[tuple[str, dict]], png: Path) -> None:
     print(f"\nwrote {png}")
 
 
+def last_logged_eval(run: dict, length: int) -> tuple[float, int] | None:
+    """(accuracy, step) of the last evaluation at ``length`` in the run's metrics.jsonl, if any."""
+    key = f"eval/len{length}/acc"
+    return next(((rec[key], rec["step"]) for rec in reversed(run["metrics"]) if key in rec), None)
+
+
 def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
-    rows = []  # (experiment, model key, {L: acc}, params, steps)
+    rows = []  # (experiment, model key, {L: acc}, params, steps, {L: step of a killed run's last evaluation})
     for label_dir, runs in experiments:
-        table, params, steps = defaultdict(dict), {}, {}
+        table, params, steps, cut = defaultdict(dict), {}, {}, defaultdict(dict)
         for name, run in runs.items():
             m = re.fullmatch(r"mqar_(.+)_L(\d+)", name)
-            if m and run["eval"]:
-                L = int(m.group(2))
-                table[m.group(1)][L] = run["eval"][str(L)]["acc"]
-                params[m.group(1)] = run["params"]
-                steps[m.group(1)] = run["summary"].get("steps", "?")
-            elif m:
-                table[m.group(1)].setdefault(int(m.group(2)), None)  # ran, no result (e.g. out of memory)
-                steps.setdefault(m.group(1), run["summary"].get("steps", "?"))
+            if not m:
+                continue
+            key, L = m.group(1), int(m.group(2))
+            steps.setdefault(key, run["summary"].get("steps", "?"))
+            if run["eval"]:
+                table[key][L] = run["eval"][str(L)]["acc"]
+                params[key] = run["params"]
+            elif last := last_logged_eval(run, L):  # stopped before its final evaluation (killed)
+                table[key][L], cut[key][L] = last
+                params.setdefault(key, run["params"])
+            else:
+                table[key].setdefault(L, None)  # ran, no result (e.g. out of memory)
         for key in [k for k in MQAR_NAMES if k in table]:
-            rows.append((label_dir, key, table[key], params.get(key), steps[key]))
+            rows.append((label_dir, key, table[key], params.get(key), steps[key], cut[key]))
     if not rows:
         return
     lengths = sorted({L for r in rows for L in r[2]})
@@ -152,16 +174,27 @@ def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     color = {k: f"C{i}" for i, k in enumerate(MQAR_NAMES)}
     dirs = list(dict.fromkeys(r[0] for r in rows))
-    for label_dir, key, row, par, steps in rows:
-        cells = [("–" if L not in row else "failed" if row[L] is None else f"{row[L]:.3f}") for L in lengths]
+    for label_dir, key, row, par, steps, cut in rows:
+        cells = [
+            "–" if L not in row
+            else "failed" if row[L] is None
+            else f"{row[L]:.3f} (killed; last evaluation, step {cut[L]})" if L in cut
+            else f"{row[L]:.3f}"
+            for L in lengths
+        ]
         print(f"| {MQAR_NAMES[key]} | {par}M | {steps} | {label_dir} | " + " | ".join(cells) + " |")
         pts = sorted((L, a) for L, a in row.items() if a is not None)
         ax.plot([L for L, _ in pts], [a for _, a in pts], marker="o" if len(pts) > 1 else "*", ms=6 if len(pts) > 1 else 12,
                 ls="-" if dirs.index(label_dir) == 0 else "none", color=color[key],
                 label=f"{MQAR_NAMES[key]}, {steps} steps")
+        if cut:  # a killed run's last evaluation: hollow, larger marker
+            ax.plot(list(cut), [row[L] for L in cut], ls="none", marker="o", ms=11, mfc="none", color=color[key])
+    if any(r[5] for r in rows):
+        ax.plot([], [], ls="none", marker="o", ms=11, mfc="none", color="gray", label="killed: last evaluation")
     ax.set(xscale="log", xlabel="sequence length (train = eval)", ylabel="query accuracy", ylim=(0, 1.02),
            title="MQAR, 8 key-value pairs, vocab 8192")
     ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.set_xticks([], minor=True)  # a log axis under one decade labels its minor ticks over the lengths
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -257,11 +290,13 @@ def main() -> None:
                     help="JSONs of tools/bench_generation.py (for a point measured in several, the first file wins)")
     ap.add_argument("--out-dir", type=Path, default=Path("docs"))
     ap.add_argument("--tag", default="", help="appended to the figure names: results_s5TAG.png, ...")
+    ap.add_argument("--log-acc", action="store_true",
+                    help="S5: logarithmic accuracy axis, with the accuracy of knowing only the permutation's sign")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     experiments = [(d.name, load_runs([d])) for d in args.runs]
     png = {kind: args.out_dir / f"results_{kind}{args.tag}.png" for kind in ("s5", "mqar", "lm", "generation")}
-    s5(experiments, png["s5"])
+    s5(experiments, png["s5"], args.log_acc)
     mqar(experiments, png["mqar"])
     lm({name: run for _, runs in experiments for name, run in runs.items()}, png["lm"])
     if args.generation:

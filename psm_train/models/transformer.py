@@ -9,7 +9,7 @@ from torch import nn
 
 from psm_train.distributed.sequence import SequenceParallel, slice_positions
 from psm_train.models.base import CausalLM, require_dropout
-from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
+from psm_train.models.layers import Block, KVCache, RMSNorm, Rope, init_weights, rotary
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Transformer(CausalLM):
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base, cfg.dropout)
+            Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.dropout)
             for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -53,6 +53,9 @@ class Transformer(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
+    def rope(self, positions: torch.Tensor, like: torch.Tensor) -> Rope:
+        return rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, like.dtype)
+
     def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Under ``sp``, tokens is a zigzag slice attending over all ranks' keys."""
         x = self.embed_drop(self.embed(tokens))
@@ -60,8 +63,9 @@ class Transformer(CausalLM):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         else:
             positions = slice_positions(tokens.shape[1] * sp.size, sp.rank, sp.size, self.sequence_layout).to(tokens.device)
+        rope = self.rope(positions, x)
         for block in self.blocks:
-            x = block(x, positions, causal=True, window=self.cfg.sliding_window, sp=sp)
+            x = block(x, rope, causal=True, window=self.cfg.sliding_window, sp=sp)
         return x
 
     def init_generation(self, batch_size: int) -> TransformerGenerationState:
@@ -79,9 +83,9 @@ class TransformerGenerationState:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.embed(tokens)[:, None]
-        positions = torch.tensor([self.tokens], device=tokens.device)
+        rope = m.rope(torch.tensor([self.tokens], device=tokens.device), x)
         for block, cache in zip(m.blocks, self.caches):
-            x = block(x, positions, causal=True, window=m.cfg.sliding_window, cache=cache)
+            x = block(x, rope, causal=True, window=m.cfg.sliding_window, cache=cache)
         self.tokens += 1
         return m.head(m.norm(x[:, 0]))
 

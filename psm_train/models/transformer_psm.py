@@ -22,7 +22,7 @@ from psm_train.distributed.sequence import SequenceParallel
 from psm_train.distributed.tree_exchange import check_tree_slices, sp_prefix_scan
 from psm_train.graph_anchor import graph_anchor
 from psm_train.models.base import CausalLM, require_dropout, tensor_nbytes
-from psm_train.models.layers import Block, KVCache, RMSNorm, init_weights
+from psm_train.models.layers import Block, KVCache, RMSNorm, Rope, init_weights, rotary
 from psm_train.scan import OnlineScan, prefix_scan
 
 
@@ -48,7 +48,7 @@ class TransformerPSMConfig:
         require_dropout(self.dropout)
 
 
-def run_blocks(blocks: nn.ModuleList, z: torch.Tensor, positions: torch.Tensor, *, causal: bool, keep: int) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, z: torch.Tensor, rope: Rope, *, causal: bool, keep: int) -> torch.Tensor:
     """The blocks over the window z [N, W, d]; returns the last ``keep`` positions [N, keep, d].
 
     The last block computes only those positions (their queries, output projection and MLP): the
@@ -56,7 +56,7 @@ def run_blocks(blocks: nn.ModuleList, z: torch.Tensor, positions: torch.Tensor, 
     """
     only_last = keep if keep < z.shape[1] else None
     for i, block in enumerate(blocks):
-        z = block(z, positions, causal=causal, only_last=only_last if i == len(blocks) - 1 else None)
+        z = block(z, rope, causal=causal, only_last=only_last if i == len(blocks) - 1 else None)
     return z
 
 
@@ -69,7 +69,7 @@ class TransformerPSM(CausalLM):
 
         def blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList(
-                Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.rope_base, cfg.dropout) for _ in range(n)
+                Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.dropout) for _ in range(n)
             )
 
         self.agg_blocks = blocks(cfg.agg_layers)
@@ -80,24 +80,25 @@ class TransformerPSM(CausalLM):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def window_positions(self, device: torch.device) -> torch.Tensor:
-        return torch.arange(2 * self.cfg.chunk_size, device=device)
+    def window_rope(self, start: int, stop: int, like: torch.Tensor) -> Rope:
+        """The rotary table of window positions start..stop-1 (of 0..2c-1), on like's device and dtype."""
+        positions = torch.arange(start, stop, device=like.device)
+        return rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, like.dtype)
 
     def aggregate(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         """Agg: [N, c, d] x [N, c, d] -> [N, c, d], the right half of bidirectional blocks."""
         z = torch.cat((older, newer), dim=1)
-        positions = self.window_positions(z.device)
-        return run_blocks(self.agg_blocks, z, positions, causal=False, keep=newer.shape[1])
+        rope = self.window_rope(0, 2 * self.cfg.chunk_size, z)
+        return run_blocks(self.agg_blocks, z, rope, causal=False, keep=newer.shape[1])
 
     def infer(self, prefix: torch.Tensor | None, chunk: torch.Tensor) -> torch.Tensor:
         """Inf: hidden states [N, c', d] of the chunk's tokens given the prefix state [N, c, d] or None."""
         c = self.cfg.chunk_size
-        positions = self.window_positions(chunk.device)
         if prefix is None:
-            z, positions = chunk, positions[c : c + chunk.shape[1]]
+            z, rope = chunk, self.window_rope(c, c + chunk.shape[1], chunk)
         else:
-            z, positions = torch.cat((prefix, chunk), dim=1), positions[: c + chunk.shape[1]]
-        return run_blocks(self.inf_blocks, z, positions, causal=True, keep=chunk.shape[1])
+            z, rope = torch.cat((prefix, chunk), dim=1), self.window_rope(0, c + chunk.shape[1], chunk)
+        return run_blocks(self.inf_blocks, z, rope, causal=True, keep=chunk.shape[1])
 
     def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
         c = self.cfg.chunk_size
@@ -161,9 +162,9 @@ class TransformerPSMGenerationState:
         if prefix is None:
             return
         z = prefix
-        positions = m.window_positions(prefix.device)[: m.cfg.chunk_size]
+        rope = m.window_rope(0, m.cfg.chunk_size, prefix)
         for block, cache in zip(m.inf_blocks, self.caches):
-            z = block(z, positions, causal=True, cache=cache)
+            z = block(z, rope, causal=True, cache=cache)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -171,10 +172,10 @@ class TransformerPSMGenerationState:
         if not self.chunk:
             self._start_chunk()
         x = m.embed(tokens)[:, None]
-        positions = m.window_positions(tokens.device)[c + len(self.chunk) :][:1]
+        rope = m.window_rope(c + len(self.chunk), c + len(self.chunk) + 1, x)
         h = x
         for block, cache in zip(m.inf_blocks, self.caches):
-            h = block(h, positions, causal=True, cache=cache)
+            h = block(h, rope, causal=True, cache=cache)
         self.chunk.append(x)
         self.tokens += 1
         if len(self.chunk) == c:
