@@ -90,6 +90,7 @@ runs:
     done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_s3", "--log-acc")
     assert "### S3 (not S5) (runs)" in done.stdout and "chance 1/6" in done.stdout
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
+    assert "then only the sign" in done.stdout and "| s3_psm_c1_s0 | " in done.stdout
     assert (tmp_path / "plots" / "results_s5_s3.png").is_file()
 
 
@@ -120,6 +121,17 @@ def test_shipped_plans_name_valid_runs():
                 key, value = item.split("=", 1)
                 section, name = key.split(".")
                 assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], item)
+
+
+def test_s5_position_ranges_double_beyond_the_training_length():
+    sys.path.insert(0, str(TOOLS))
+    from plot_results import position_ranges
+
+    assert position_ranges(18, 180) == [(3, 18), (19, 36), (37, 72), (73, 144), (145, 180)]
+    assert position_ranges(18, 18) == [(3, 18)]
+    assert position_ranges(18, 10) == [(3, 10)]
+    assert position_ranges(2, 5) == [(3, 4), (5, 5)]
+    assert position_ranges(2, 2) == []
 
 
 def test_s5_runs_group_by_model_and_variant():

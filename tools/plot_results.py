@@ -10,7 +10,9 @@ line), results_mqar.png (query accuracy against training length), results_lm.png
 and state memory against context length), for whichever of those the inputs hold, and prints
 the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead; ``--log-acc`` draws
 the S5 accuracy on a logarithmic axis, with the level of a model that knows only the sign of the
-permutation. An MQAR run killed before its final evaluation is shown with its last logged one.
+permutation. For S5 it also prints, per run, the loss at the training length and the mean
+accuracy over ranges of positions, beside the levels of knowing only that sign or nothing. An
+MQAR run killed before its final evaluation is shown with its last logged one.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def s5(experiments: list[tuple[str, dict]], png: Path, log_acc: bool = False) ->
             run_steps = group[0]["summary"].get("steps", "?")  # a variant may have trained longer
             print(f"| {label} | {group[0]['params']}M | {len(group)} | {run_steps} | " + " | ".join(accs)
                   + f" | {', '.join(f'{a:.2f}' for a in mean[:3])} | {beyond} |")
+        print_position_ranges(runs, trained, int(longest), degree)
         ax.axvline(trained, color="gray", ls="--", lw=1)
         ax.text(trained + 1, 0.95, f"longest training length ({trained})", fontsize=8, color="gray")
         chance = 1 / math.factorial(degree)
@@ -137,6 +140,35 @@ def s5(experiments: list[tuple[str, dict]], png: Path, log_acc: bool = False) ->
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"\nwrote {png}")
+
+
+def position_ranges(trained: int, longest: int) -> list[tuple[int, int]]:
+    """Inclusive 1-based position ranges: 3..trained, then doubling lengths up to ``longest``."""
+    ranges, lo, hi = [(3, min(trained, longest))] if min(trained, longest) >= 3 else [], trained + 1, 2 * trained
+    while lo <= longest:
+        ranges.append((lo, min(hi, longest)))
+        lo, hi = hi + 1, 2 * hi
+    return ranges
+
+
+def print_position_ranges(runs: dict, trained: int, longest: int, degree: int) -> None:
+    """Per run: the loss at the longest training length and the mean accuracy over position ranges, beside the
+    levels of a model exact at positions 1-2 that knows after them only the running permutation's sign (S_n / A_n),
+    or nothing."""
+    order = sorted((s5_group(name), name) for name, run in runs.items() if s5_group(name) and run["eval"])
+    ranges = position_ranges(trained, longest)
+    size, later = math.factorial(degree), (trained - 2) / trained
+    print(f"\nPer run: loss at length {trained} and mean accuracy over positions (evaluation length {longest}). "
+          f"Exact at positions 1-2, then only the sign: loss {later * math.log(size / 2):.3f}, accuracy "
+          f"{2 / trained + later * 2 / size:.4f} at length {trained}, {2 / size:.4f} per position; then nothing: "
+          f"loss {later * math.log(size):.3f}, {1 / size:.4f} per position.\n")
+    print(f"| run | loss @{trained} | " + " | ".join(f"acc {lo}-{hi}" for lo, hi in ranges) + " |")
+    print("|---|---|" + "---|" * len(ranges))
+    for _, name in order:
+        ev = runs[name]["eval"]
+        acc = ev[str(longest)]["acc_by_position"]
+        loss = f"{ev[str(trained)]['loss']:.3f}" if str(trained) in ev else "–"
+        print(f"| {name} | {loss} | " + " | ".join(f"{statistics.mean(acc[lo - 1 : hi]):.4f}" for lo, hi in ranges) + " |")
 
 
 def last_logged_eval(run: dict, length: int) -> tuple[float, int] | None:
