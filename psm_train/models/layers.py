@@ -124,6 +124,8 @@ class SelfAttention(nn.Module):
         else:
             if cache is not None or sp is not None or not 0 < only_last <= t:
                 raise ValueError(f"only_last must be in 1..{t} and used without a KV cache or sequence parallelism")
+            # Reading qkv's weight outside its forward is fine under ZeRO-3: DeepSpeed gathers such a parameter on
+            # access and registers it with the running module (its ZeROOrderedDict).
             w_q, w_kv = self.qkv.weight.split((self.qkv.in_features, 2 * self.qkv.in_features))
             q = F.linear(x[:, t - only_last :], w_q).view(b, only_last, self.n_heads, self.head_dim).transpose(1, 2)
             k, v = F.linear(x, w_kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
