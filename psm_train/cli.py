@@ -54,11 +54,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model.to(device)
     source = build_source(cfg.data.name, cfg.data.config, cfg.train.seed)
     results = evaluate(model, source.eval_sets(cfg.train.eval_batches, cfg.train.eval_batch_size), device,
-                       autocast_for(cfg.train.precision, device))
+                       autocast_for(cfg.train.precision, device), class_groups=source.class_groups)
     print(f"{cfg.name}: {cfg.model.name} after {payload['step']} steps, task {cfg.data.name}")
-    print(f"{'length':>8} {'loss':>9} {'accuracy':>9} {'scored':>8}")
+    groups = source.class_groups is not None
+    print(f"{'length':>8} {'loss':>9} {'accuracy':>9} {'scored':>8}" + (f" {'sign acc':>9}" if groups else ""))
     for seq_len, r in results.items():
-        print(f"{seq_len:>8} {r['loss']:>9.4f} {r['acc']:>9.4f} {r['scored']:>8}")
+        print(f"{seq_len:>8} {r['loss']:>9.4f} {r['acc']:>9.4f} {r['scored']:>8}" + (f" {r['group_acc']:>9.4f}" if groups else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

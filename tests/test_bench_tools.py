@@ -91,6 +91,7 @@ runs:
     assert "### S3 (not S5) (runs)" in done.stdout and "chance 1/6" in done.stdout
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
     assert "then only the sign" in done.stdout and "| s3_psm_c1_s0 | " in done.stdout
+    assert "Sign accuracy" in done.stdout  # the trainer's eval.json now holds group_acc_by_position
     assert (tmp_path / "plots" / "results_s5_s3.png").is_file()
 
 

@@ -57,6 +57,19 @@ def test_eval_prints_a_table_per_length(trained):
     assert [line.split()[0] for line in lines[2:]] == ["32", "96"]
 
 
+def test_s5_run_logs_and_prints_the_sign_accuracy(tmp_path):
+    run_dir = tmp_path / "s5"
+    psm_train("train", "configs/s5_psm_c1.yaml", "--run-dir", str(run_dir), "--set", "train.steps=2",
+              "--set", "train.batch_size=4", "--set", "train.eval_batches=1", "--set", "train.eval_batch_size=4",
+              "--set", "model.d_model=32", "--set", "model.inf_layers=1", "--set", "data.max_len=6",
+              "--set", "data.eval_seq_lens=[8]", "--set", "train.device=cpu")
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 <= record["eval/len8/group_acc"] <= 1 and record["eval/len8/acc"] <= record["eval/len8/group_acc"]
+    assert len(json.loads((run_dir / "eval.json").read_text())["8"]["group_acc_by_position"]) == 8
+    lines = psm_train("eval", str(run_dir)).stdout.splitlines()
+    assert lines[1].split() == ["length", "loss", "accuracy", "scored", "sign", "acc"]
+
+
 def test_generate_prints_continuation_and_state(trained):
     out = psm_train("generate", str(trained / "final.pt"), "--max-new-tokens", "5")
     assert "continuation (5 tokens):" in out.stdout

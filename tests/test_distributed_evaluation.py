@@ -1,4 +1,5 @@
-"""Evaluation shared by dp x sp ranks (gloo, CPU) returns the single-process numbers on every rank."""
+"""Evaluation shared by dp x sp ranks (gloo, CPU) returns the single-process numbers on every rank; the group
+(S_n sign) accuracy counts what it should."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import math
 
 import torch
 
-from psm_train.data.synthetic import IGNORE_INDEX
+from psm_train.data import build_source
+from psm_train.data.synthetic import IGNORE_INDEX, S5Config
 from psm_train.distributed.layout import ParallelLayout
 from psm_train.models import build_model
 from psm_train.train.evaluate import evaluate
@@ -59,3 +61,35 @@ def _evaluate_on_ranks(rank: int, world: int, want: dict) -> None:
 
 def test_dp2_x_sp2_evaluation_equals_single_process():
     run_ranks(_evaluate_on_ranks, 4, expected())
+
+
+class RunningProductTimes(torch.nn.Module):
+    """Predicts the S_n running product composed with a fixed permutation: exact when that is the identity."""
+
+    def __init__(self, table: torch.Tensor, offset: int):
+        super().__init__()
+        self.table, self.offset = table, offset
+
+    def forward(self, inputs, sp=None, scored=None):
+        state = torch.zeros(inputs.shape[0], dtype=torch.int64)
+        states = []
+        for t in range(inputs.shape[1]):
+            state = self.table[inputs[:, t], state]
+            states.append(self.table[self.offset, state])
+        predicted = torch.stack(states, dim=1)[scored]
+        return torch.nn.functional.one_hot(predicted, self.table.shape[0]).float()
+
+
+def test_group_accuracy_counts_the_right_sign():
+    """With S_n's signs as class groups, a model off by an even permutation has accuracy 0 and group accuracy 1;
+    off by an odd one, 0 and 0; exact, 1 and 1."""
+    source = build_source("s5", S5Config(degree=4, max_len=6, eval_seq_lens=[6]), seed=0)
+    sets = source.eval_sets(2, 16)
+    perms = source.task.perms
+    even_3_cycle, transposition = perms.index((1, 2, 0, 3)), perms.index((1, 0, 2, 3))
+    for offset, acc, group_acc in [(0, 1.0, 1.0), (even_3_cycle, 0.0, 1.0), (transposition, 0.0, 0.0)]:
+        model = RunningProductTimes(source.task.table, offset)
+        result = evaluate(model, sets, torch.device("cpu"), class_groups=source.class_groups)[6]
+        assert result["acc"] == acc and result["group_acc"] == group_acc
+        assert result["group_acc_by_position"] == [group_acc] * 6
+    assert "group_acc" not in evaluate(model, sets, torch.device("cpu"))[6]

@@ -276,3 +276,29 @@ def test_s5_degree_from_the_command_line() -> None:
     assert load_config(config).data.config.degree == 5
     with pytest.raises(ConfigError, match=r"data\.degree: expected an integer in \[2, 6\]"):
         load_config(config, ["data.degree=8"])
+
+
+def cycle_sign(p: tuple[int, ...]) -> int:
+    """0 even, 1 odd, from the cycle count: an n-element permutation with c cycles has sign (-1)^(n - c)."""
+    seen, cycles = set(), 0
+    for start in range(len(p)):
+        if start not in seen:
+            cycles += 1
+            i = start
+            while i not in seen:
+                seen.add(i)
+                i = p[i]
+    return (len(p) - cycles) % 2
+
+
+@pytest.mark.parametrize("degree", [2, 3, 4, 5])
+def test_s5_class_groups_are_the_signs(degree: int) -> None:
+    """The evaluation's class groups: each element's sign, a homomorphism onto {0, 1} with half the elements odd."""
+    task = S5(S5Config(degree=degree))
+    groups = task.class_groups
+    assert groups.shape == (math.factorial(degree),) and groups.dtype == torch.int64
+    assert groups.tolist() == [cycle_sign(p) for p in task.perms]
+    assert int(groups.sum()) == math.factorial(degree) // 2 and int(groups[0]) == 0
+    assert torch.equal(groups[task.table], groups[:, None] ^ groups[None, :])  # sign(p ∘ s) = sign(p) + sign(s) mod 2
+    assert torch.equal(build_source("s5", S5Config(degree=degree), seed=0).class_groups, groups)
+    assert build_source("mqar", MQARConfig(), seed=0).class_groups is None

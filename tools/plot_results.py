@@ -11,8 +11,10 @@ and state memory against context length), for whichever of those the inputs hold
 the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead; ``--log-acc`` draws
 the S5 accuracy on a logarithmic axis, with the level of a model that knows only the sign of the
 permutation. For S5 it also prints, per run, the loss at the training length and the mean
-accuracy over ranges of positions, beside the levels of knowing only that sign or nothing. An
-MQAR run killed before its final evaluation is shown with its last logged one.
+accuracy over ranges of positions, beside the levels of knowing only that sign or nothing, and,
+for runs evaluated since the evaluation scores it (eval.json's group_acc_by_position), the sign
+accuracy itself. An MQAR run killed before its final evaluation is shown with its last logged
+one.
 """
 
 from __future__ import annotations
@@ -169,6 +171,14 @@ def print_position_ranges(runs: dict, trained: int, longest: int, degree: int) -
         acc = ev[str(longest)]["acc_by_position"]
         loss = f"{ev[str(trained)]['loss']:.3f}" if str(trained) in ev else "–"
         print(f"| {name} | {loss} | " + " | ".join(f"{statistics.mean(acc[lo - 1 : hi]):.4f}" for lo, hi in ranges) + " |")
+    signed = [name for _, name in order if "group_acc_by_position" in runs[name]["eval"][str(longest)]]
+    if signed:  # runs evaluated since the evaluation scores the sign itself
+        print("\nSign accuracy (the predicted permutation's sign is the target's; chance 0.5) over the same positions:\n")
+        print("| run | " + " | ".join(f"sign acc {lo}-{hi}" for lo, hi in ranges) + " |")
+        print("|---|" + "---|" * len(ranges))
+        for name in signed:
+            sign = runs[name]["eval"][str(longest)]["group_acc_by_position"]
+            print(f"| {name} | " + " | ".join(f"{statistics.mean(sign[lo - 1 : hi]):.3f}" for lo, hi in ranges) + " |")
 
 
 def last_logged_eval(run: dict, length: int) -> tuple[float, int] | None:

@@ -22,6 +22,8 @@ class DataSource(Protocol):
     # True when most targets are IGNORE_INDEX (MQAR scores only its queries): the trainer then
     # computes logits at the scored positions alone instead of over the whole vocabulary everywhere.
     sparse_targets: bool
+    # [vocab_size] int64: a coarser labelling the evaluation also scores (S_n: each permutation's sign), or None.
+    class_groups: torch.Tensor | None
 
     def train_batches(self, start_step: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
         """Batches of steps start_step, start_step + 1, ...: rows [dp_rank * b, (dp_rank + 1) * b) of
@@ -62,6 +64,7 @@ class SyntheticSource:
         self.seed = seed
         self.vocab_size = task.vocab_size
         self.sparse_targets = task.sparse_targets
+        self.class_groups = getattr(task, "class_groups", None)  # S_n's signs; None for the other tasks
 
     def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each [batch_size, T] int64, of training step ``step``."""

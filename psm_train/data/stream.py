@@ -126,6 +126,7 @@ class ShardStream:
         self.seq_len = first.seq_len
         self.vocab_size = first.vocab_size
         self.sparse_targets = False
+        self.class_groups = None
         self.weights = cfg.weights or [1.0] * len(self.manifests)
         self.skipped: dict[int, list[str]] = {}  # source -> shard names left out before training
         self.plans = [self._plan(i, m, "train") for i, m in enumerate(self.manifests)]

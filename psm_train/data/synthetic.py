@@ -152,6 +152,11 @@ def permutation_table(degree: int = 5) -> tuple[list[tuple[int, ...]], Tensor]:
     return perms, torch.tensor(table, dtype=torch.int64)
 
 
+def permutation_sign(perm: tuple[int, ...]) -> int:
+    """0 for an even permutation, 1 for an odd one (the parity of its number of inversions)."""
+    return sum(perm[i] > perm[j] for i in range(len(perm)) for j in range(i + 1, len(perm))) % 2
+
+
 class S5:
     """Word-problem batches of S_n (S5 by default, n = cfg.degree): tokens are permutations, targets
     the running product. vocab_size = n! (120 for S5)."""
@@ -163,6 +168,9 @@ class S5:
         self.cfg = cfg
         self.perms, self.table = permutation_table(cfg.degree)
         self.vocab_size = len(self.perms)
+        # The evaluation's coarser labels: each element's sign (0 even, 1 odd), its image in S_n / A_n. A model that
+        # tracks only the running parity gets every sign right and, guessing within the sign, 2/n! of the classes.
+        self.class_groups = torch.tensor([permutation_sign(p) for p in self.perms], dtype=torch.int64)
 
     def train_seq_len(self, step: int) -> int:
         """Training length at ``step``, uniform in [min_len, bound(step)].

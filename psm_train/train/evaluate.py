@@ -39,12 +39,15 @@ def evaluate(
     autocast: contextlib.AbstractContextManager | None = None,
     layout: ParallelLayout | None = None,
     sp: SequenceParallel | None = None,
+    class_groups: torch.Tensor | None = None,
 ) -> dict[int, dict]:
     """{seq_len: {"loss", "ppl", "acc", "scored", "acc_by_position"}} over each fixed held-out set.
 
     acc_by_position[t] is the accuracy at position t over the scored targets there (None where
     no target is scored), the curve a length-generalisation plot needs. ``layout`` and ``sp``
     (this rank's place in a multi-rank run) make it collective: every rank must call it.
+    ``class_groups`` [V] maps each class to a coarser group (S_n: the permutation's sign); with it
+    "group_acc" and "group_acc_by_position" count a prediction right when its group is the target's.
     """
     dp_rank, dp = (layout.dp_rank, layout.dp) if layout is not None else (0, 1)
     was_training = model.training
@@ -55,8 +58,8 @@ def evaluate(
         positions = torch.arange(seq_len)
         if split:
             positions = slice_positions(seq_len, sp.rank, sp.size, model.sequence_layout)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, scored
-        per_position = torch.zeros(2, seq_len, dtype=torch.long)  # correct, scored
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, scored, group correct
+        per_position = torch.zeros(3, seq_len, dtype=torch.long)  # correct, scored, group correct
         # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each);
         # a rank left without a batch of its own repeats the last one without counting it.
         for first in range(0, len(batches), dp):
@@ -70,21 +73,24 @@ def evaluate(
             if not counted:
                 continue
             labels = targets[mask]
-            hits = logits.argmax(-1) == labels
+            predicted = logits.argmax(-1)
+            hits = predicted == labels
+            group_hits = hits if class_groups is None else class_groups[predicted.cpu()] == class_groups[labels.cpu()]
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(scores, labels, reduction="sum")
-            sums += torch.tensor([float(loss), int(hits.sum()), len(labels)], dtype=torch.float64)
+            sums += torch.tensor([float(loss), int(hits.sum()), len(labels), int(group_hits.sum())], dtype=torch.float64)
             columns = positions[mask.nonzero()[:, 1].cpu()]
             per_position[0].index_add_(0, columns, hits.long().cpu())
             per_position[1].index_add_(0, columns, torch.ones_like(columns))
+            per_position[2].index_add_(0, columns, group_hits.long().cpu())
         if layout is not None and layout.world_size > 1:
             backend_device = device if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu")
             for t in (sums, per_position):
                 reduced = t.to(backend_device)
                 dist.all_reduce(reduced)
                 t.copy_(reduced.cpu())
-        loss_sum, correct, scored = sums.tolist()
-        correct_at, scored_at = per_position.tolist()
+        loss_sum, correct, scored, group_correct = sums.tolist()
+        correct_at, scored_at, group_correct_at = per_position.tolist()
         loss = loss_sum / max(scored, 1)
         results[seq_len] = {
             "loss": loss,
@@ -93,5 +99,8 @@ def evaluate(
             "scored": int(scored),
             "acc_by_position": [c / s if s else None for c, s in zip(correct_at, scored_at)],
         }
+        if class_groups is not None:
+            results[seq_len]["group_acc"] = group_correct / max(scored, 1)
+            results[seq_len]["group_acc_by_position"] = [c / s if s else None for c, s in zip(group_correct_at, scored_at)]
     model.train(was_training)
     return results

@@ -65,11 +65,12 @@ def seed_everything(seed: int) -> None:
 
 
 def eval_summary(results: dict[int, dict]) -> dict[str, float]:
-    """Flat metrics for metrics.jsonl: eval/len{L}/loss, /ppl and /acc."""
+    """Flat metrics for metrics.jsonl: eval/len{L}/loss, /ppl, /acc and, where the task has class groups, /group_acc."""
     out = {}
     for seq_len, r in results.items():
-        for key in ("loss", "ppl", "acc"):
-            out[f"eval/len{seq_len}/{key}"] = r[key]
+        for key in ("loss", "ppl", "acc", "group_acc"):
+            if key in r:
+                out[f"eval/len{seq_len}/{key}"] = r[key]
     return out
 
 
@@ -270,7 +271,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             if hasattr(source, "metrics"):
                 record.update(source.metrics())
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            final_eval = evaluate(engine.module, eval_sets, device, autocast, layout, sp)
+            final_eval = evaluate(engine.module, eval_sets, device, autocast, layout, sp, source.class_groups)
             evaluated = True
             record = {**(record or {"step": done}), **eval_summary(final_eval)}
             throughput.rate()  # evaluation time is not training throughput
