@@ -24,11 +24,16 @@ def _on_signal(signum: int, frame) -> None:
     _received = max(_received, _PRIORITY[signal.Signals(signum)])
 
 
-def install() -> None:
+def install() -> dict:
     """Replace the handlers for SIGUSR2 and SIGTERM (including submitit's, which would checkpoint
-    and requeue from rank 0 alone, inside the handler) by a flag setter."""
-    for sig in _PRIORITY:
-        signal.signal(sig, _on_signal)
+    and requeue from rank 0 alone, inside the handler) by a flag setter; returns the old ones."""
+    return {sig: signal.signal(sig, _on_signal) for sig in _PRIORITY}
+
+
+def restore(previous: dict) -> None:
+    """Put back the handlers that :func:`install` returned."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def should_stop(process_group=None) -> bool:

@@ -24,16 +24,30 @@ def cmd_train(args: argparse.Namespace) -> None:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                 "-m", "psm_train", "train", args.config, *(a for o in overrides for a in ("--set", o))]
         os.execv(sys.executable, argv)
+    from psm_train.launch import preemption
     from psm_train.train.loop import train
 
-    train(cfg)
+    # SIGTERM (timeout, kill, torchrun passing its own on) or SIGUSR2: checkpoint at the next logged step and exit 143.
+    previous = preemption.install()
+    try:
+        result = train(cfg)
+    finally:
+        preemption.restore(previous)  # for callers of main() in-process
+    if isinstance(result, dict) and result.get("preempted"):
+        print(f"stopped by a signal after step {result['step']}; the same command resumes from its checkpoint",
+              file=sys.stderr, flush=True)
+        code = 143
+    else:
+        code = 0
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # A finished torchrun rank skips interpreter finalization, where torch's gloo and autograd threads can
         # race the GIL teardown and abort it ("terminate called without an active exception", pytorch#190489).
         # Everything is written and the process group is destroyed by now.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -95,6 +95,35 @@ runs:
     assert (tmp_path / "plots" / "results_s5_s3.png").is_file()
 
 
+def test_results_runner_stops_a_run_at_its_limit_and_resumes_it(tmp_path):
+    """A run over ``--budget-s`` × ``--kill-after`` gets SIGTERM and saves a checkpoint ("stopped");
+    ``--resume`` continues it in the same directory, appending to its log, as across two GPU calls."""
+    root = TOOLS.parent
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+group: s3
+eval_points: 1
+set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6]", train.eval_batches=1, train.eval_batch_size=4,
+      train.device=cpu, data.degree=3, checkpoint.every=0]
+runs:
+  - {{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, set: [model.d_model=16, model.inf_layers=1]}}
+""")
+    out, run_dir = tmp_path / "runs", tmp_path / "runs" / "s3_psm_c1_s0"
+    common = [str(plan), "--out-dir", str(out), "--sequential", "--set", "train.log_every=5"]
+    run_tool("bench_results.py", *common, "--steps", "1000000", "--budget-s", "20", "--kill-after", "1")
+    first = json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"]
+    assert first["returncode"] == "stopped" and not first["resumed"]
+    stopped = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert stopped % 5 == 0 and any((run_dir / "checkpoints").iterdir())
+
+    run_tool("bench_results.py", *common, "--resume", "--steps", str(stopped + 10), "--budget-s", "200")
+    second = json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"]
+    assert second["returncode"] == 0 and second["resumed"]
+    log = (run_dir / "log.txt").read_text()
+    assert f"stopping at step {stopped} on a preemption signal" in log and f"at step {stopped} (saved by 1 ranks)" in log
+    assert json.loads((run_dir / "eval.json").read_text())["6"]["acc"] >= 0
+
+
 def test_profile_scan_needs_a_gpu():
     """A GPU-only tool: it imports on CPU and says what it needs instead of failing deep inside."""
     done = subprocess.run([sys.executable, str(TOOLS / "profile_scan.py"), "--seq-len", "64"], capture_output=True,
@@ -118,10 +147,10 @@ def test_shipped_plans_name_valid_runs():
         for run in plan["runs"]:
             overrides = [*plan["set"], *run["set"]]
             values = load_config(TOOLS.parent / run["config"], overrides).to_dict()
-            for item in overrides:
-                key, value = item.split("=", 1)
+            final = dict(item.split("=", 1) for item in overrides)  # a run's own setting wins over the plan's
+            for key, value in final.items():
                 section, name = key.split(".")
-                assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], item)
+                assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], key, value)
 
 
 def test_s5_position_ranges_double_beyond_the_training_length():

@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,6 +50,29 @@ def test_train_writes_run_directory(trained):
 def test_refuses_to_overwrite_a_finished_run(trained):
     out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(trained), *TINY, check=False)
     assert out.returncode != 0 and "already holds a finished run" in out.stderr
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+    """`timeout` or `kill` sends SIGTERM: the run saves a checkpoint at the next logged step and exits
+    143; the same command then resumes from it and finishes."""
+    run_dir = tmp_path / "stopped"
+    args = ["train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY,
+            "--set", "train.steps=4000", "--set", "train.eval_every=0", "--set", "checkpoint.every=0"]
+    proc = subprocess.Popen([shutil.which("psm-train"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    step = int(err.split("stopped by a signal after step ")[1].split(";")[0])
+    assert 0 < step < 4000 and f"stopping at step {step} on a preemption signal" in out
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step")], "no checkpoint"
+    resumed = psm_train(*args, "--set", f"train.steps={step + 8}")
+    assert f"at step {step} (saved by 1 ranks)" in resumed.stdout
+    assert f"step {step + 8}/{step + 8}" in resumed.stdout
+    assert (run_dir / "final.pt").is_file()
 
 
 def test_eval_prints_a_table_per_length(trained):

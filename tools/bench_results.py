@@ -17,9 +17,12 @@ one process each. Two phases:
 ``--sequential`` (a CPU with few cores) probes and trains the runs one after another instead;
 ``--budget-s`` is then the wall time of all runs of a plan together, so every run of a plan gets
 ``--budget-s`` × ``--safety`` / Σ(1 / probe rate) steps. ``--steps N`` skips the probe and
-trains every run N steps (each run is still killed after ``--budget-s`` × ``--kill-after``).
-With ``--only``, the entries of the other runs already in ``--out-dir``/summary.json are kept,
-so runs can be added to one directory call by call.
+trains every run N steps. A run still going after ``--budget-s`` × ``--kill-after`` gets SIGTERM,
+saves a checkpoint at its next logged step and exits ("stopped"; killed if it takes over a
+minute). With ``--only``, the entries of the other runs already in ``--out-dir``/summary.json are
+kept, so runs can be added to one directory call by call. ``--resume`` (with the same ``--steps``)
+continues every run whose directory holds a checkpoint, appending to its log.txt, so one run can
+span several calls of a time-limited machine.
 
 ``--mps auto`` probes twice, without and then with an MPS daemon (kernels of different processes
 then share the GPU instead of taking turns), and trains in the mode whose summed probe rate is
@@ -76,32 +79,44 @@ def load_plan(path: str) -> dict:
     return plan
 
 
-def launch(run: dict, plan: dict, run_dir: Path, extra: list[str], env: dict) -> subprocess.Popen:
-    if run_dir.exists():
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+
+
+def launch(run: dict, plan: dict, run_dir: Path, extra: list[str], env: dict, resume: bool = False) -> subprocess.Popen:
+    """Start one run; with ``resume`` a directory holding a checkpoint is kept and the trainer continues it."""
+    resume = resume and has_checkpoint(run_dir)
+    if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "psm_train", "train", run["config"], "--run-dir", str(run_dir)]
     for item in [*plan["set"], *run["set"], *extra, *GLOBAL_SET]:
         cmd += ["--set", item]
     (run_dir / "command.txt").write_text(" ".join(cmd[2:]) + "\n")
-    log = (run_dir / "log.txt").open("w")
+    log = (run_dir / "log.txt").open("a" if resume else "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     CHILDREN.append(proc)
     return proc
 
 
-def wait_all(procs: dict[str, tuple[subprocess.Popen, float]], limit_s: float) -> dict[str, dict]:
-    """Wait for every process; kill (by its own pid) any still running ``limit_s`` after its start."""
-    out = {}
+def wait_all(procs: dict[str, tuple[subprocess.Popen, float]], limit_s: float, grace_s: float = 60) -> dict[str, dict]:
+    """Wait for every process. One still running ``limit_s`` after its start gets SIGTERM (psm-train then
+    checkpoints at its next logged step and exits 143: "stopped"); ``grace_s`` later it is killed
+    ("killed"). Processes are signalled by their own pid."""
+    out, termed = {}, {}
     while procs:
         for name, (proc, started) in list(procs.items()):
             rc = proc.poll()
-            if rc is None and time.time() - started > limit_s:
+            now = time.time()
+            if rc is None and now - started > limit_s and name not in termed:
+                proc.terminate()
+                termed[name] = now
+            elif rc is None and name in termed and now - termed[name] > grace_s:
                 proc.kill()
                 proc.wait()
                 rc = "killed"
             if rc is not None:
-                out[name] = dict(returncode=rc, wall_s=time.time() - started)
+                out[name] = dict(returncode="stopped" if name in termed and rc == 143 else rc, wall_s=now - started)
                 del procs[name]
         time.sleep(0.5)
     return out
@@ -153,7 +168,7 @@ def main() -> None:
     ap.add_argument("--safety", type=float, default=0.8, help="fraction of the budget the probed rate is trusted for")
     ap.add_argument("--probe-steps", type=int, default=40)
     ap.add_argument("--probe-only", action="store_true", help="measure the rates and stop")
-    ap.add_argument("--kill-after", type=float, default=1.5, help="kill a training run after this × budget")
+    ap.add_argument("--kill-after", type=float, default=1.5, help="stop a training run after this × budget")
     ap.add_argument("--mps", choices=["off", "on", "auto"], default="off",
                     help="run the processes under an MPS daemon (started and stopped here); auto: probe without and "
                          "with it and train in the faster mode")
@@ -164,7 +179,11 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true",
                     help="probe and train one run at a time (CPU); --budget-s is then the total of a plan's runs")
     ap.add_argument("--steps", type=int, help="train every run this many steps, without a probe")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the runs whose directories hold a checkpoint (needs --steps: the same as before)")
     args = ap.parse_args()
+    if args.resume and not args.steps:
+        ap.error("--resume needs --steps: a probe would choose another step count than the runs were started with")
 
     GLOBAL_SET.extend(args.overrides)
     # `timeout` sends SIGTERM: leave through the finally below (stop MPS, write summary, pack).
@@ -275,7 +294,9 @@ def main() -> None:
                      f"train.log_every={max(1, steps // 50)}"]
             extra += [f"{key}={max(1, int(frac * steps))}" for key, frac in plan["scale"].items()]
             info.update(steps=steps, overrides=[*plan["set"], *run["set"], *extra, *GLOBAL_SET])
-            procs[run["name"]] = lambda run=run, plan=plan, extra=extra: launch(run, plan, out_dir / run["name"], extra, env)
+            info["resumed"] = args.resume and has_checkpoint(out_dir / run["name"])
+            procs[run["name"]] = (lambda run=run, plan=plan, extra=extra:
+                                  launch(run, plan, out_dir / run["name"], extra, env, resume=args.resume))
         save()
         done = run_all(procs, limit_s=args.budget_s * args.kill_after)
         summary["train_s"] = time.time() - t0
