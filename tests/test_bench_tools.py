@@ -199,3 +199,21 @@ def test_mqar_table_shows_a_killed_runs_last_evaluation(tmp_path):
     assert rows["| GLA"] == "failed |"
     assert rows["| Transformer"] == "0.337 |"
     assert (tmp_path / "plots" / "results_mqar.png").is_file()
+
+
+def test_mqar_rows_name_what_the_run_config_sets_apart(tmp_path):
+    """Runs of one model that differ in depth, seed or precision get their own rows, labelled from config.yaml."""
+    out = tmp_path / "mqar_depth"
+    runs = {"mqar_transformer2_L128": {"steps": 10}, "mqar_transformer3_fp32_s1_L128": {"steps": 10}}
+    configs = {"mqar_transformer2_L128": {"model": {"n_layers": 2}, "train": {"seed": 0, "precision": "auto"}},
+               "mqar_transformer3_fp32_s1_L128": {"model": {"n_layers": 3}, "train": {"seed": 1, "precision": "fp32"}}}
+    for name, acc in (("mqar_transformer2_L128", 0.998), ("mqar_transformer3_fp32_s1_L128", 0.331)):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(json.dumps(configs[name]))
+        (out / name / "eval.json").write_text(json.dumps({"128": {"acc": acc}}))
+    (out / "summary.json").write_text(json.dumps({"runs": runs}))
+
+    table = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots")).stdout
+    rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["| Transformer (2 blocks)"] == "0.998 |"
+    assert rows["| Transformer (3 blocks, seed 1, fp32)"] == "0.331 |"

@@ -126,6 +126,13 @@ def s5(experiments: list[tuple[str, dict]], png: Path, log_acc: bool = False) ->
         print_position_ranges(runs, trained, int(longest), degree)
         ax.axvline(trained, color="gray", ls="--", lw=1)
         ax.text(trained + 1, 0.95, f"longest training length ({trained})", fontsize=8, color="gray")
+        # A Transformer-PSM's prefix at position 2^k + 1 is first a tree node over 2^k tokens (k Agg levels deep).
+        level = 1
+        while 2 ** level + 1 <= int(longest):
+            if 2 ** level + 1 > trained:
+                ax.axvline(2 ** level + 1, color="gray", ls=":", lw=0.8)
+                ax.text(2 ** level + 2, 0.07, f"2^{level}+1", transform=ax.get_xaxis_transform(), fontsize=7, color="gray")
+            level += 1
         chance = 1 / math.factorial(degree)
         ax.axhline(chance, color="gray", ls=":", lw=1)
         ax.text(*((trained + 1, chance * 0.75) if log_acc else (0.85 * int(longest), chance + 0.015)),
@@ -138,7 +145,7 @@ def s5(experiments: list[tuple[str, dict]], png: Path, log_acc: bool = False) ->
                yscale="log" if log_acc else "linear", ylim=(chance / 2, 1.3) if log_acc else (0, 1.02),
                title=f"{group_name} state tracking, {steps} steps ({label_dir})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(0.48, 0.42))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"\nwrote {png}")
@@ -187,15 +194,35 @@ def last_logged_eval(run: dict, length: int) -> tuple[float, int] | None:
     return next(((rec[key], rec["step"]) for rec in reversed(run["metrics"]) if key in rec), None)
 
 
+def mqar_label(key: str, config: dict) -> tuple[int, str] | None:
+    """(model order, label) of the MQAR run named mqar_<key>_L<length>: the model's name, then what its
+    config.yaml sets apart (a transformer's depth, a seed other than 0, a forced precision)."""
+    bases = [k for k in MQAR_NAMES if key.startswith(k)]
+    if not bases:
+        return None
+    base = max(bases, key=len)
+    model, train = config.get("model", {}), config.get("train", {})
+    extras = []
+    if base == "transformer" and model.get("n_layers"):
+        extras.append(f"{model.get('n_layers')} blocks")
+    if train.get("seed"):
+        extras.append(f"seed {train['seed']}")
+    if train.get("precision", "auto") != "auto":
+        extras.append(train["precision"])
+    return list(MQAR_NAMES).index(base), MQAR_NAMES[base] + (f" ({', '.join(extras)})" if extras else "")
+
+
 def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
-    rows = []  # (experiment, model key, {L: acc}, params, steps, {L: step of a killed run's last evaluation})
+    rows = []  # (experiment, label, {L: acc}, params, steps, {L: step of a killed run's last evaluation})
     for label_dir, runs in experiments:
-        table, params, steps, cut = defaultdict(dict), {}, {}, defaultdict(dict)
+        table, params, steps, cut, order = defaultdict(dict), {}, {}, defaultdict(dict), {}
         for name, run in runs.items():
             m = re.fullmatch(r"mqar_(.+)_L(\d+)", name)
-            if not m:
+            found = mqar_label(m.group(1), run["config"]) if m else None
+            if not found:
                 continue
-            key, L = m.group(1), int(m.group(2))
+            (order_index, key), L = found, int(m.group(2))
+            order[key] = order_index
             steps.setdefault(key, run["summary"].get("steps", "?"))
             if run["eval"]:
                 table[key][L] = run["eval"][str(L)]["acc"]
@@ -205,7 +232,7 @@ def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
                 params.setdefault(key, run["params"])
             else:
                 table[key].setdefault(L, None)  # ran, no result (e.g. out of memory)
-        for key in [k for k in MQAR_NAMES if k in table]:
+        for key in sorted(table, key=lambda k: (order[k], k)):
             rows.append((label_dir, key, table[key], params.get(key), steps[key], cut[key]))
     if not rows:
         return
@@ -213,9 +240,9 @@ def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
     print("\n### MQAR: query accuracy at the training length (vocab 8192, 8 pairs)\n")
     print("| model | params | steps | results dir | " + " | ".join(f"L={L}" for L in lengths) + " |")
     print("|---|---|---|---|" + "---|" * len(lengths))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    color = {k: f"C{i}" for i, k in enumerate(MQAR_NAMES)}
-    dirs = list(dict.fromkeys(r[0] for r in rows))
+    # The plot has one curve per model and step count, over all results dirs: a later dir's value for a
+    # length replaces an earlier one, except that a killed run's last evaluation never replaces a final one.
+    curves: dict[tuple[str, object], dict[int, tuple[float, bool]]] = {}
     for label_dir, key, row, par, steps, cut in rows:
         cells = [
             "–" if L not in row
@@ -224,14 +251,20 @@ def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
             else f"{row[L]:.3f}"
             for L in lengths
         ]
-        print(f"| {MQAR_NAMES[key]} | {par}M | {steps} | {label_dir} | " + " | ".join(cells) + " |")
-        pts = sorted((L, a) for L, a in row.items() if a is not None)
-        ax.plot([L for L, _ in pts], [a for _, a in pts], marker="o" if len(pts) > 1 else "*", ms=6 if len(pts) > 1 else 12,
-                ls="-" if dirs.index(label_dir) == 0 else "none", color=color[key],
-                label=f"{MQAR_NAMES[key]}, {steps} steps")
-        if cut:  # a killed run's last evaluation: hollow, larger marker
-            ax.plot(list(cut), [row[L] for L in cut], ls="none", marker="o", ms=11, mfc="none", color=color[key])
-    if any(r[5] for r in rows):
+        print(f"| {key} | {par}M | {steps} | {label_dir} | " + " | ".join(cells) + " |")
+        curve = curves.setdefault((key, steps), {})
+        for L, acc in row.items():
+            if acc is not None and not (L in cut and L in curve and not curve[L][1]):
+                curve[L] = (acc, L in cut)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, ((key, steps), curve) in enumerate(curves.items()):
+        pts = sorted(curve.items())
+        ax.plot([L for L, _ in pts], [a for _, (a, _) in pts], marker="o" if len(pts) > 1 else "*",
+                ms=6 if len(pts) > 1 else 12, ls="-" if len(pts) > 1 else "none", color=f"C{i}", label=f"{key}, {steps} steps")
+        killed = [(L, a) for L, (a, k) in pts if k]
+        if killed:  # a killed run's last evaluation: hollow, larger marker
+            ax.plot([L for L, _ in killed], [a for _, a in killed], ls="none", marker="o", ms=11, mfc="none", color=f"C{i}")
+    if any(k for curve in curves.values() for _, k in curve.values()):
         ax.plot([], [], ls="none", marker="o", ms=11, mfc="none", color="gray", label="killed: last evaluation")
     ax.set(xscale="log", xlabel="sequence length (train = eval)", ylabel="query accuracy", ylim=(0, 1.02),
            title="MQAR, 8 key-value pairs, vocab 8192")
