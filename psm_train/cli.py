@@ -74,6 +74,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{'length':>8} {'loss':>9} {'accuracy':>9} {'scored':>8}" + (f" {'sign acc':>9}" if groups else ""))
     for seq_len, r in results.items():
         print(f"{seq_len:>8} {r['loss']:>9.4f} {r['acc']:>9.4f} {r['scored']:>8}" + (f" {r['group_acc']:>9.4f}" if groups else ""))
+    if args.out:  # the run's own eval.json stays as training wrote it
+        import json
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+        print(f"wrote {args.out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its task's held-out sets (every eval length)")
     p.add_argument("checkpoint", help="a run directory, a .pt or .safetensors file, or a checkpoints/step_* directory")
+    p.add_argument("--out", help="also write the results, per position included, as JSON in eval.json's format")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 

@@ -65,20 +65,29 @@ runs:
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
 
 
+def write_s3_plan(path: Path, names: list[str], eval_lens: str, extra: str = "") -> Path:
+    """A bench_results plan of tiny CPU runs of S3 (the named ones of s3_psm_c1_s0, s3_transformer_s0)."""
+    root = TOOLS.parent
+    runs = {
+        "s3_psm_c1_s0": f"{{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, "
+                        "set: [model.d_model=16, model.inf_layers=1]}",
+        "s3_transformer_s0": f"{{name: s3_transformer_s0, config: {root}/configs/results/s3_cpu_transformer.yaml, "
+                             "set: [model.d_model=16, model.n_layers=1]}",
+    }
+    path.write_text(f"""
+group: s3
+eval_points: 1
+set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens={eval_lens}", train.eval_batches=1, train.eval_batch_size=4,
+      train.device=cpu, data.degree=3{extra}]
+runs:
+""" + "".join(f"  - {runs[name]}\n" for name in names))
+    return path
+
+
 def test_results_runner_sequential_and_added_runs(tmp_path):
     """--sequential --steps N: no probe, the runs one after another; a later --only call adds a run to the
     same directory's summary.json without dropping the earlier ones. A degree-3 group (S3) plots with its name."""
-    root = TOOLS.parent
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(f"""
-group: s3
-eval_points: 1
-set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6, 9]", train.eval_batches=1, train.eval_batch_size=4,
-      train.device=cpu, data.degree=3]
-runs:
-  - {{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, set: [model.d_model=16, model.inf_layers=1]}}
-  - {{name: s3_transformer_s0, config: {root}/configs/results/s3_cpu_transformer.yaml, set: [model.d_model=16, model.n_layers=1]}}
-""")
+    plan = write_s3_plan(tmp_path / "plan.yaml", ["s3_psm_c1_s0", "s3_transformer_s0"], eval_lens="[6, 9]")
     out = tmp_path / "runs"
     run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--sequential", "--steps", "3",
              "--only", "s3_psm_c1_s0", "--budget-s", "200")
@@ -98,16 +107,7 @@ runs:
 def test_results_runner_stops_a_run_at_its_limit_and_resumes_it(tmp_path):
     """A run over ``--budget-s`` × ``--kill-after`` gets SIGTERM and saves a checkpoint ("stopped");
     ``--resume`` continues it in the same directory, appending to its log, as across two GPU calls."""
-    root = TOOLS.parent
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(f"""
-group: s3
-eval_points: 1
-set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6]", train.eval_batches=1, train.eval_batch_size=4,
-      train.device=cpu, data.degree=3, checkpoint.every=0]
-runs:
-  - {{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, set: [model.d_model=16, model.inf_layers=1]}}
-""")
+    plan = write_s3_plan(tmp_path / "plan.yaml", ["s3_psm_c1_s0"], eval_lens="[6]", extra=", checkpoint.every=0")
     out, run_dir = tmp_path / "runs", tmp_path / "runs" / "s3_psm_c1_s0"
     common = [str(plan), "--out-dir", str(out), "--sequential", "--set", "train.log_every=5"]
     run_tool("bench_results.py", *common, "--steps", "1000000", "--budget-s", "20", "--kill-after", "1")

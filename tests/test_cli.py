@@ -91,8 +91,11 @@ def test_s5_run_logs_and_prints_the_sign_accuracy(tmp_path):
     record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= record["eval/len8/group_acc"] <= 1 and record["eval/len8/acc"] <= record["eval/len8/group_acc"]
     assert len(json.loads((run_dir / "eval.json").read_text())["8"]["group_acc_by_position"]) == 8
-    lines = psm_train("eval", str(run_dir)).stdout.splitlines()
+    lines = psm_train("eval", str(run_dir), "--out", str(tmp_path / "again.json")).stdout.splitlines()
     assert lines[1].split() == ["length", "loss", "accuracy", "scored", "sign", "acc"]
+    # --out writes eval.json's format; the same weights and held-out set on CPU give the same numbers
+    again, trained = (json.loads(f.read_text())["8"] for f in (tmp_path / "again.json", run_dir / "eval.json"))
+    assert again["acc_by_position"] == trained["acc_by_position"] and again["loss"] == pytest.approx(trained["loss"])
 
 
 def test_generate_prints_continuation_and_state(trained):
