@@ -128,5 +128,9 @@ def test_wandb_offline_needs_no_login(tmp_path, monkeypatch):
 
 def test_plot_metrics_writes_png(trained, tmp_path):
     out = tmp_path / "curves.png"
-    subprocess.run([sys.executable, "tools/plot_metrics.py", str(trained), "--out", str(out)], check=True, timeout=120)
+    done = subprocess.run([sys.executable, "tools/plot_metrics.py", str(trained), "--out", str(out)], check=True,
+                          timeout=120, capture_output=True, text=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert "| length | step 6 | step 12 |" in done.stdout
+    assert f"| 64 | {records[1]['eval/len64/acc']:.3f} | {records[-1]['eval/len64/acc']:.3f} |" in done.stdout

@@ -1,4 +1,5 @@
-"""Plot training loss and eval accuracy of one or more runs from their metrics.jsonl.
+"""Plot training loss and eval accuracy of one or more runs from their metrics.jsonl, and print each
+run's evaluations as a markdown table (accuracy per evaluation length and step).
 
     python tools/plot_metrics.py runs/quickstart runs/other --out curves.png
 """
@@ -41,12 +42,31 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def eval_table(run_dir: Path) -> str:
+    """Markdown: one row per evaluation length, one column per evaluated step."""
+    records = read_metrics(run_dir)
+    keys = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith("/acc")},
+                  key=lambda k: int(k.split("/")[1].removeprefix("len")))
+    steps = sorted({r["step"] for r in records if any(k in r for k in keys)})
+    if not keys:
+        return f"{run_dir}: no evaluation logged"
+    lines = [f"{run_dir}", "", "| length | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for key in keys:
+        by_step = {r["step"]: r[key] for r in records if key in r}
+        lines.append(f"| {key.split('/')[1].removeprefix('len')} | "
+                     + " | ".join(f"{by_step[s]:.3f}" if s in by_step else "–" for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("curves.png"))
     args = parser.parse_args()
     plot(args.run_dirs, args.out)
+    for run_dir in args.run_dirs:
+        print(eval_table(run_dir) + "\n")
     print(f"wrote {args.out}")
 
 
