@@ -123,6 +123,10 @@ def test_results_runner_stops_a_run_at_its_limit_and_resumes_it(tmp_path):
     assert f"stopping at step {stopped} on a preemption signal" in log and f"at step {stopped} (saved by 1 ranks)" in log
     assert json.loads((run_dir / "eval.json").read_text())["6"]["acc"] >= 0
 
+    third = run_tool("bench_results.py", *common, "--resume", "--steps", str(stopped + 10), "--budget-s", "200")
+    assert "s3_psm_c1_s0: finished already (final.pt), kept as it is" in third.stdout
+    assert json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"] == second
+
 
 def test_profile_scan_needs_a_gpu():
     """A GPU-only tool: it imports on CPU and says what it needs instead of failing deep inside."""

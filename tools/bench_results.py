@@ -21,8 +21,8 @@ trains every run N steps. A run still going after ``--budget-s`` × ``--kill-aft
 saves a checkpoint at its next logged step and exits ("stopped"; killed if it takes over a
 minute). With ``--only``, the entries of the other runs already in ``--out-dir``/summary.json are
 kept, so runs can be added to one directory call by call. ``--resume`` (with the same ``--steps``)
-continues every run whose directory holds a checkpoint, appending to its log.txt, so one run can
-span several calls of a time-limited machine.
+continues every run whose directory holds a checkpoint, appending to its log.txt, and leaves
+finished runs (final.pt) as they are, so one run can span several calls of a time-limited machine.
 
 ``--mps auto`` probes twice, without and then with an MPS daemon (kernels of different processes
 then share the GPU instead of taking turns), and trains in the mode whose summed probe rate is
@@ -194,9 +194,15 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     summary: dict = dict(args=vars(args), started=time.strftime("%Y-%m-%d %H:%M:%S"), runs={})
     runs = [(plan, run) for plan in plans for run in plan["runs"] if not args.only or run["name"] in args.only]
-    if args.only and (out_dir / "summary.json").is_file():  # keep the other runs of this directory
+    if args.resume:  # the trainer refuses to restart a finished run
+        finished = {run["name"] for _, run in runs if (out_dir / run["name"] / "final.pt").is_file()}
+        for name in sorted(finished):
+            print(f"{name}: finished already (final.pt), kept as it is", flush=True)
+        runs = [(plan, run) for plan, run in runs if run["name"] not in finished]
+    if (args.only or args.resume) and (out_dir / "summary.json").is_file():  # keep the runs not started here
         previous = json.loads((out_dir / "summary.json").read_text())
-        summary["runs"] = {k: v for k, v in previous.get("runs", {}).items() if k not in args.only}
+        started = {run["name"] for _, run in runs}
+        summary["runs"] = {k: v for k, v in previous.get("runs", {}).items() if k not in started}
 
     def run_all(procs: dict[str, Callable[[], subprocess.Popen]], limit_s: float) -> dict[str, dict]:
         """Start the processes of ``procs`` (name -> function that starts one) at once, or one after
