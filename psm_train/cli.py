@@ -60,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from psm_train.data import build_source
     from psm_train.train.checkpoint import load_checkpoint
-    from psm_train.train.evaluate import evaluate
+    from psm_train.train.evaluate import evaluate, write_eval_json
     from psm_train.train.loop import autocast_for, resolve_device
 
     model, cfg, payload = load_checkpoint(args.checkpoint, args.overrides)
@@ -75,11 +75,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for seq_len, r in results.items():
         print(f"{seq_len:>8} {r['loss']:>9.4f} {r['acc']:>9.4f} {r['scored']:>8}" + (f" {r['group_acc']:>9.4f}" if groups else ""))
     if args.out:  # the run's own eval.json stays as training wrote it
-        import json
         from pathlib import Path
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+        write_eval_json(Path(args.out), results)
         print(f"wrote {args.out}")
 
 

@@ -84,8 +84,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def launch(run: dict, plan: dict, run_dir: Path, extra: list[str], env: dict, resume: bool = False) -> subprocess.Popen:
-    """Start one run; with ``resume`` a directory holding a checkpoint is kept and the trainer continues it."""
-    resume = resume and has_checkpoint(run_dir)
+    """Start one run; with ``resume`` (its directory holds a checkpoint) the directory is kept and the trainer
+    continues the run, else the directory is started afresh."""
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,8 +301,8 @@ def main() -> None:
             extra += [f"{key}={max(1, int(frac * steps))}" for key, frac in plan["scale"].items()]
             info.update(steps=steps, overrides=[*plan["set"], *run["set"], *extra, *GLOBAL_SET])
             info["resumed"] = args.resume and has_checkpoint(out_dir / run["name"])
-            procs[run["name"]] = (lambda run=run, plan=plan, extra=extra:
-                                  launch(run, plan, out_dir / run["name"], extra, env, resume=args.resume))
+            procs[run["name"]] = (lambda run=run, plan=plan, extra=extra, resume=info["resumed"]:
+                                  launch(run, plan, out_dir / run["name"], extra, env, resume=resume))
         save()
         done = run_all(procs, limit_s=args.budget_s * args.kill_after)
         summary["train_s"] = time.time() - t0

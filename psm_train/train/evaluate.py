@@ -9,7 +9,9 @@ The sums are then added over the world, so every rank returns the same numbers.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,7 @@ def evaluate(
     "group_acc" and "group_acc_by_position" count a prediction right when its group is the target's.
     """
     dp_rank, dp = (layout.dp_rank, layout.dp) if layout is not None else (0, 1)
+    groups = class_groups.to(device) if class_groups is not None else None
     was_training = model.training
     model.eval()
     results = {}
@@ -75,7 +78,7 @@ def evaluate(
             labels = targets[mask]
             predicted = logits.argmax(-1)
             hits = predicted == labels
-            group_hits = hits if class_groups is None else class_groups[predicted.cpu()] == class_groups[labels.cpu()]
+            group_hits = hits if groups is None else groups[predicted] == groups[labels]
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(scores, labels, reduction="sum")
             sums += torch.tensor([float(loss), int(hits.sum()), len(labels), int(group_hits.sum())], dtype=torch.float64)
@@ -104,3 +107,8 @@ def evaluate(
             results[seq_len]["group_acc_by_position"] = [c / s if s else None for c, s in zip(group_correct_at, scored_at)]
     model.train(was_training)
     return results
+
+
+def write_eval_json(path: Path, results: dict[int, dict]) -> None:
+    """``evaluate``'s results as a run's eval.json (lengths as string keys)."""
+    path.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))

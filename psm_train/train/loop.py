@@ -36,7 +36,7 @@ from psm_train.models.affine_lm import AffineBlock
 from psm_train.models.layers import Block, compile_blocks
 from psm_train.train.checkpoint import save_checkpoint
 from psm_train.train.engine import build_engine, merge_canonical
-from psm_train.train.evaluate import evaluate
+from psm_train.train.evaluate import evaluate, write_eval_json
 from psm_train.train.metrics import MetricsLogger, Throughput, start_wandb
 from psm_train.train.optim import lr_at
 
@@ -303,7 +303,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     weights = engine.full_state_dict()
     if main:
         save_checkpoint(run_dir / "final.pt", weights, cfg, t.steps)
-        (run_dir / "eval.json").write_text(json.dumps({str(k): v for k, v in final_eval.items()}, indent=1))
+        write_eval_json(run_dir / "eval.json", final_eval)
         summary = {"name": cfg.name, "model": cfg.model.name, "n_params": n_params,
                    "n_params_non_embedding": n_params - n_embedding, "tokens": tokens_seen, "steps": t.steps,
                    "train_loss": last_loss, "eval": eval_summary(final_eval)}
