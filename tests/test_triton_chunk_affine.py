@@ -4,6 +4,7 @@ On a CPU machine the kernels run under TRITON_INTERPRET=1 (set by tests/conftest
 is first imported); on a GPU they are compiled, and the bf16 cases run as well.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,24 @@ def test_matches_reference_fp32(decay, T, chunk_size, with_initial):
 def test_strong_decay_and_odd_dims(decay):
     """Log decay down to -20 per token (e^{+260} would overflow fp32) and head dims that are no tile size,
     over several chunks."""
+    check(decay, 150, 16, True, torch.float32, strength=20.0, K=24, V=20)
+
+
+@pytest.mark.skipif(CUDA, reason="changes the interpreter's scan; a GPU runs its own")
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+def test_strong_decay_with_tree_order_cumsum(decay, monkeypatch):
+    """The strong-decay case with tl.cumsum adding in tree order, as a GPU's scan does, instead of
+    the interpreter's sequential order: a kernel whose b_i - b_j at i = j takes b_i and b_j from
+    sums in two orders fails here as on the GPU (decay gradient error 6e-4, tolerance 1e-4)."""
+    from triton.runtime import interpreter
+
+    def tree_cumsum(self, x):
+        y, d = np.moveaxis(x.handle.data, self.axis, 0), 1
+        while d < y.shape[0]:
+            y, d = np.concatenate([y[:d], y[d:] + y[:-d]]), 2 * d
+        return [self.to_tensor(np.moveaxis(y, 0, self.axis), dtype=x.dtype)]
+
+    monkeypatch.setattr(interpreter.ScanOps, "cumsum", tree_cumsum)
     check(decay, 150, 16, True, torch.float32, strength=20.0, K=24, V=20)
 
 

@@ -2,27 +2,39 @@
 
 Layout as in the reference: q, k [B, T, H, K], v [B, T, H, V], log decay g [B, T, H, K] (DIAG)
 or [B, T, H, 1]; states [B, H, K, V] float32; per-chunk states [B, H, N, K, V] in the input dtype
-(they are matmul operands). b is the cumulative log decay from a chunk's start, computed in each
-kernel from g (float32), so no padded or cumulative copy of g is ever written. Rows past T load
-as k = v = 0 and g = 0: inert, as in the reference.
+(they are matmul operands). b is the cumulative log decay from a chunk's start (float32). Scalar
+decay computes it in each kernel from g. Diagonal decay writes it once, gc [B, T, H, K]
+(`chunk_cumsum`), and every other diagonal-decay kernel takes gc in place of g and loads it.
+Rows past T load as k = v = 0 and g = 0 (gc: the last token's row, `_gc_rows`): inert, as in the
+reference.
 
 Kernels:
+- `chunk_cumsum` (diagonal decay): gc, per (K block, chunk, batch·head).
 - `state_fwd`: per (K block, V block, batch·head), a loop over chunks that writes the state
   entering each chunk and the final state.
-- `out_fwd`: per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v, with A the
-  decay-weighted causal q·k of the chunk.
+- `scores_diag` (diagonal decay): per (sub-chunk, chunk, batch·head), the sub-chunk's rows of
+  the chunk's decay-weighted causal score matrix A (scalar decay computes its A where it is used).
+- `out_fwd`: per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v.
 - `state_bwd`: the same loop in reverse for dS, the gradient of the state leaving each chunk, and
   the gradient of the initial state.
-- scalar decay, dq, dk, dv from S_in and dS in two kernels whose tiles stay small at any head dim:
-  `dqk_bwd_scalar` per (K block, chunk, batch·head) and `dv_bwd_scalar` per (V block, chunk,
-  batch·head), each walking the other dimension in an inner loop;
-- diagonal decay: `grads_bwd_diag` per (chunk, batch·head), all of V at once and K in slices.
+- `dscores_diag` (diagonal decay): dA = do vᵀ per (chunk, batch·head), walking V.
+- dq, dk from S_in and dS: `dqk_bwd_scalar` per (K block, chunk, batch·head), walking V;
+  `dqk_bwd_diag` per (sub-chunk × K block, chunk, batch·head), walking V for the state terms.
+- `dv_bwd`: dv per (V block, chunk, batch·head), walking K.
+- `decay_grad`: the decay gradient's reverse cumulative sum over the sequence.
 
 Decay inside a chunk is always exp(b_i - b_j) with i ≥ j, masked to -inf before the exp, so
-nothing overflows however strong the decay (the reference's rule). The decay from a token to its
-chunk's end is a reverse cumulative sum, not b_C - b_j, whose rounding grows with |b|. Scalar decay makes that a
-[C, C] matrix next to a tensor-core q kᵀ; diagonal decay makes it [C, C, K], which is evaluated
-exactly in K slices of KS, and is why the diagonal kernels run with C = 16.
+nothing overflows however strong the decay (the reference's rule). Scalar decay takes the decay
+from a token to its chunk's end as a reverse cumulative sum, not b_C - b_j, whose rounding grows
+with |b|, and makes the in-chunk decay a [C, C] matrix next to a tensor-core q kᵀ. Diagonal decay
+makes it [C, C, K], which is never built: the chunk (64) is walked in sub-chunks of 16; between
+sub-chunks the decay is split at a sub-chunk edge into two factors ≤ 1 that scale q and k before
+a tensor-core product (fla's layout), and only each sub-chunk's own [16, 16] block is exact, one
+row at a time. Every decay between two tokens is e^{gc_i - gc_j} of loaded values, so at i = j
+its exponent is exactly 0: both terms are the same float32 number. With log decays of -20 per token that
+diagonal term dominates, and a b_i summed in another order than b_j (tl.cumsum adds in tree
+order on a GPU) would err by |b|·2⁻²⁴ there. Off the diagonal, the rounding of gc
+(|gc|·2⁻²⁴, |gc| ≤ 64·max|g|) is scaled by the decay between the two tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +52,35 @@ def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
+def _block_configs(name: str, blocks: tuple[int, ...], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
+    """Configs over the block size ``name`` of a dimension that a kernel walks or splits."""
+    if _INTERPRET:  # small, so that the CPU tests walk several blocks
+        return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({name: b}, num_warps=w, num_stages=s) for b in blocks for w in warps for s in stages]
+
+
+@triton.jit
+def _gc_rows(t, T, i_b, i_h, H: tl.constexpr):
+    """Row offsets into gc for times t: rows past T repeat the last token's row (g = 0 there), so
+    decays from or to them stay ≤ 1 and no masked row can overflow."""
+    return (i_b * T + tl.minimum(t, T - 1)) * H + i_h
+
+
+@triton.jit
+def chunk_cumsum(
+    g, gc, T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Diagonal decay, per (K block, chunk, batch·head): gc, the cumulative sum of g from the
+    chunk's start (float32, [B, T, H, K]), which the other diagonal-decay kernels load."""
+    i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    rk, t = i_k * BK + tl.arange(0, BK), c * C + tl.arange(0, C)
+    off = ((i_b * T + t) * H + i_h)[:, None] * K + rk[None, :]
+    m = (t < T)[:, None] & (rk < K)[None, :]
+    tl.store(gc + off, tl.cumsum(tl.load(g + off, mask=m, other=0.0).to(tl.float32), 0), mask=m)
 
 
 @triton.autotune(configs=_configs([4, 8], [2, 3]), key=["K", "V", "C", "BK", "BV", "DIAG"])
@@ -65,11 +106,10 @@ def state_fwd(
         row = (i_b * T + t) * H + i_h
         kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m_t[:, None] & (rk[None, :] < K), other=0.0)
         vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_t[:, None] & (rv[None, :] < V), other=0.0)
-        if DIAG:
-            gg = tl.load(g + row[:, None] * K + rk[None, :], mask=m_t[:, None] & (rk[None, :] < K), other=0.0)
-            gg = gg.to(tl.float32)
-            b_end = tl.sum(gg, 0)
-            kd = (kk * tl.exp(tl.cumsum(gg, 0, reverse=True) - gg)).to(kk.dtype)
+        if DIAG:  # g is gc
+            b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            b_end = tl.load(g + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
+            kd = (kk * tl.exp(b_end[None, :] - b)).to(kk.dtype)
             s = s * tl.exp(b_end)[:, None] + tl.dot(tl.trans(kd), vv, input_precision=PREC)
         else:
             gg = tl.load(g + row, mask=m_t, other=0.0).to(tl.float32)
@@ -79,47 +119,87 @@ def state_fwd(
     tl.store(ht + i_bh * K * V + kv, s, mask=m_kv)
 
 
+@triton.autotune(configs=_block_configs("BK", (32, 64), (4, 8), (1, 2)), key=["K", "C", "S"])
+@triton.jit
+def scores_diag(
+    q, k, gc, a, T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, KP: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Diagonal decay, per (sub-chunk, chunk, batch·head): the S rows of the chunk's score matrix
+    A[i, j] = Σ_K q_i k_j e^{b_i - b_j} (j ≤ i, else 0; float32, a [B, T, H, C]) that belong to one
+    sub-chunk. Earlier sub-chunks go through one tensor-core product, K walked in blocks of BK,
+    with the decay split at the sub-chunk's first row (both factors ≤ 1). The own [S, S] block is
+    exact: all of K in one tile (KP, K's power of two), one key column at a time, each column
+    stored as it is computed."""
+    i_s, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc, rs = tl.arange(0, C), tl.arange(0, S)
+    s0 = i_s * S
+    t_all, t_s = c * C + rc, c * C + s0 + rs
+    row_all, row_s = (i_b * T + t_all) * H + i_h, (i_b * T + t_s) * H + i_h
+    gc_all, gc_s = _gc_rows(t_all, T, i_b, i_h, H), _gc_rows(t_s, T, i_b, i_h, H)
+    gc_first = _gc_rows(c * C + s0, T, i_b, i_h, H)
+    before = (rc < s0)[:, None]
+    m_row = t_s < T
+    acc = tl.zeros([S, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        m_k = (rk < K)[None, :]
+        b_first = tl.load(gc + gc_first * K + rk, mask=rk < K, other=0.0)
+        b_s = tl.load(gc + gc_s[:, None] * K + rk[None, :], mask=m_k, other=0.0)
+        # b_all = 0 outside the earlier sub-chunks keeps b_first - b_all ≤ 0 where k is 0
+        b_all = tl.load(gc + gc_all[:, None] * K + rk[None, :], mask=m_k & before, other=0.0)
+        qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k, other=0.0)
+        kk = tl.load(k + row_all[:, None] * K + rk[None, :], mask=(t_all < T)[:, None] & m_k & before, other=0.0)
+        qd = (qq * tl.exp(b_s - b_first[None, :])).to(qq.dtype)
+        kd = (kk * tl.exp(b_first[None, :] - b_all)).to(kk.dtype)
+        acc += tl.dot(qd, tl.trans(kd), input_precision=PREC)
+    own_cols = (rc >= s0) & (rc < s0 + S)
+    tl.store(a + row_s[:, None] * C + rc[None, :], acc, mask=m_row[:, None] & ~own_cols[None, :])
+    rk = tl.arange(0, KP)
+    b_s = tl.load(gc + gc_s[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+    q32 = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+    for j in range(S):
+        t_j = c * C + s0 + j
+        # the same gc row as b_s's row j: b_i - b_j is exactly 0 at i = j
+        b_j = tl.load(gc + _gc_rows(t_j, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
+        k_j = tl.load(k + ((i_b * T + t_j) * H + i_h) * K + rk, mask=(rk < K) & (t_j < T), other=0.0).to(tl.float32)
+        gap = tl.where(rs[:, None] >= j, b_s - b_j[None, :], float("-inf"))
+        tl.store(a + row_s * C + s0 + j, tl.sum(q32 * k_j[None, :] * tl.exp(gap), 1), mask=m_row)
+
+
 @triton.autotune(configs=_configs([4, 8], [1]), key=["K", "V", "C", "BK", "BV", "DIAG"])
 @triton.jit
 def out_fwd(
-    q, k, v, g, h, o, T,
+    q, k, v, g, h, a, o, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, KS: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v. Scalar decay computes the
+    chunk's scores A here; diagonal decay reads them from `scores_diag` (and g is gc)."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     n = tl.cdiv(T, C)
-    rv, rc = i_v * BV + tl.arange(0, BV), tl.arange(0, C)
+    rv, rc, rk = i_v * BV + tl.arange(0, BV), tl.arange(0, C), tl.arange(0, BK)
     t = c * C + rc
     m_t, m_v = t < T, rv < V
     row = (i_b * T + t) * H + i_h
-    causal = rc[:, None] >= rc[None, :]
+    m = m_t[:, None] & (rk[None, :] < K)
+    qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
     vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    hc = h + (i_bh * n + c) * K * V
+    hh = tl.load(h + (i_bh * n + c) * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
     if DIAG:
-        acc = tl.zeros([C, BV], dtype=tl.float32)
-        a = tl.zeros([C, C], dtype=tl.float32)
-        for k0 in range(0, BK, KS):
-            rk = k0 + tl.arange(0, KS)
-            m = m_t[:, None] & (rk[None, :] < K)
-            qs = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-            ks = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0).to(tl.float32)
-            b = tl.cumsum(tl.load(g + row[:, None] * K + rk[None, :], mask=m, other=0.0).to(tl.float32), 0)
-            gap = tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :], float("-inf"))
-            a += tl.sum(qs.to(tl.float32)[:, None, :] * ks[None, :, :] * tl.exp(gap), 2)
-            hs = tl.load(hc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
-            acc += tl.dot((qs * tl.exp(b)).to(hs.dtype), hs, input_precision=PREC)
+        b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+        acc = tl.dot((qq * tl.exp(b)).to(hh.dtype), hh, input_precision=PREC)
+        aa = tl.load(a + row[:, None] * C + rc[None, :], mask=m_t[:, None], other=0.0)
     else:
-        rk = tl.arange(0, BK)
-        m = m_t[:, None] & (rk[None, :] < K)
-        qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
         kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
         b = tl.cumsum(tl.load(g + row, mask=m_t, other=0.0).to(tl.float32), 0)
-        hh = tl.load(hc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
         acc = tl.dot((qq * tl.exp(b)[:, None]).to(hh.dtype), hh, input_precision=PREC)
-        gap = tl.where(causal, b[:, None] - b[None, :], float("-inf"))
-        a = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(gap)
-    acc += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+        gap = tl.where(rc[:, None] >= rc[None, :], b[:, None] - b[None, :], float("-inf"))
+        aa = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(gap)
+    acc += tl.dot(aa.to(vv.dtype), vv, input_precision=PREC)
     tl.store(o + row[:, None] * V + rv[None, :], acc.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
@@ -148,10 +228,9 @@ def state_bwd(
         row = (i_b * T + t) * H + i_h
         qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m_t[:, None] & (rk[None, :] < K), other=0.0)
         dd = tl.load(do + row[:, None] * V + rv[None, :], mask=m_t[:, None] & (rv[None, :] < V), other=0.0)
-        if DIAG:
-            gg = tl.load(g + row[:, None] * K + rk[None, :], mask=m_t[:, None] & (rk[None, :] < K), other=0.0)
-            gg = gg.to(tl.float32)
-            b, b_end = tl.cumsum(gg, 0), tl.sum(gg, 0)
+        if DIAG:  # g is gc
+            b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            b_end = tl.load(g + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
             qe = (qq * tl.exp(b)).to(qq.dtype)
             ds = ds * tl.exp(b_end)[:, None] + tl.dot(tl.trans(qe), dd, input_precision=PREC)
         else:
@@ -162,64 +241,7 @@ def state_bwd(
     tl.store(dh0 + i_bh * K * V + kv, ds, mask=m_kv)
 
 
-@triton.autotune(configs=_configs([4, 8], [1]), key=["K", "V", "C", "BK", "BV"])
-@triton.jit
-def grads_bwd_diag(
-    q, k, v, g, h, do, dh, dq, dk, dv, db, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr,
-):
-    """Diagonal decay: dq, dk, dv of one chunk, and db = q ⊙ dq - k ⊙ dk (float32), the gradient of
-    the cumulative log decay (see triton_op). BV covers all of V; K is walked in slices of KS."""
-    c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    n = tl.cdiv(T, C)
-    rv, rc = tl.arange(0, BV), tl.arange(0, C)
-    t = c * C + rc
-    m_t, m_v = t < T, rv < V
-    row = (i_b * T + t) * H + i_h
-    causal = rc[:, None] >= rc[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-    dd = tl.load(do + row[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-    hc, dhc = h + (i_bh * n + c) * K * V, dh + (i_bh * n + c) * K * V
-    da = tl.where(causal, tl.dot(dd, tl.trans(vv), input_precision=PREC), 0.0)
-    a = tl.zeros([C, C], dtype=tl.float32)
-    dv_acc = tl.zeros([C, BV], dtype=tl.float32)
-    for k0 in range(0, BK, KS):
-        rk = k0 + tl.arange(0, KS)
-        m = m_t[:, None] & (rk[None, :] < K)
-        m_kv = (rk[:, None] < K) & m_v[None, :]
-        qs = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-        ks = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-        gs = tl.load(g + row[:, None] * K + rk[None, :], mask=m, other=0.0).to(tl.float32)
-        b = tl.cumsum(gs, 0)
-        hs = tl.load(hc + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0)
-        dhs = tl.load(dhc + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0)
-        e = tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :], float("-inf")))
-        q3, k3 = qs.to(tl.float32)[:, None, :], ks.to(tl.float32)[None, :, :]
-        a += tl.sum(q3 * k3 * e, 2)
-        dqs = tl.sum(da[:, :, None] * k3 * e, 1)
-        dqs += tl.dot(dd, tl.trans(hs), input_precision=PREC) * tl.exp(b)
-        dks = tl.sum(da[:, :, None] * q3 * e, 0)
-        tail = tl.exp(tl.cumsum(gs, 0, reverse=True) - gs)
-        dks += tl.dot(vv, tl.trans(dhs), input_precision=PREC) * tail
-        dv_acc += tl.dot((ks * tail).to(dhs.dtype), dhs, input_precision=PREC)
-        tl.store(dq + row[:, None] * K + rk[None, :], dqs.to(dq.dtype.element_ty), mask=m)
-        tl.store(dk + row[:, None] * K + rk[None, :], dks.to(dk.dtype.element_ty), mask=m)
-        tl.store(db + row[:, None] * K + rk[None, :], qs.to(tl.float32) * dqs - ks.to(tl.float32) * dks, mask=m)
-    dv_acc += tl.dot(tl.trans(a).to(dd.dtype), dd, input_precision=PREC)
-    tl.store(dv + row[:, None] * V + rv[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
-
-
-def _loop_configs(name: str) -> list[triton.Config]:
-    """Block of the reduced dimension walked by the scalar-decay gradient kernels' inner loop."""
-    if _INTERPRET:  # small, so that the CPU tests walk several blocks
-        return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({name: b}, num_warps=w, num_stages=s) for b in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
-
-
-@triton.autotune(configs=_loop_configs("BV"), key=["K", "V", "C", "BK"])
+@triton.autotune(configs=_block_configs("BV", (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BK"])
 @triton.jit
 def dqk_bwd_scalar(
     q, k, v, g, h, do, dh, dq, dk, db, T,
@@ -267,15 +289,124 @@ def dqk_bwd_scalar(
     tl.store(db + (i_k * tl.num_programs(2)).to(tl.int64) * T + row, part, mask=m_t)  # db [NK, B, T, H]
 
 
-@triton.autotune(configs=_loop_configs("BK"), key=["K", "V", "C", "BV"])
+@triton.autotune(configs=_block_configs("BV", (32, 64), (4, 8), (1, 2)), key=["V", "C"])
 @triton.jit
-def dv_bwd_scalar(
-    q, k, g, dh, do, dv, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr,
+def dscores_diag(
+    v, do, da, T,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Scalar decay, per (V block, chunk, batch·head): dv = Aᵀ do + (k ⊙ tail) dS, with K walked in
-    blocks of BK."""
+    """Diagonal decay, per (chunk, batch·head): dA = do vᵀ, the gradient of the chunk's causal
+    score matrix (j ≤ i, else 0; float32, da [B, T, H, C] like a), V walked in blocks of BV. Once
+    per chunk here, `dqk_bwd_diag`'s programs (sub-chunks × K blocks) only load their rows."""
+    c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc = tl.arange(0, C)
+    t = c * C + rc
+    m_t = t < T
+    row = (i_b * T + t) * H + i_h
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        rv = v0 + tl.arange(0, BV)
+        m = m_t[:, None] & (rv < V)[None, :]
+        dd = tl.load(do + row[:, None] * V + rv[None, :], mask=m, other=0.0)
+        vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m, other=0.0)
+        acc += tl.dot(dd, tl.trans(vv), input_precision=PREC)
+    tl.store(da + row[:, None] * C + rc[None, :], tl.where(rc[:, None] >= rc[None, :], acc, 0.0), mask=m_t[:, None])
+
+
+def _dqk_diag_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+        for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (1, 2)
+    ]
+
+
+@triton.autotune(configs=_dqk_diag_configs(), key=["K", "V", "C", "S"])
+@triton.jit
+def dqk_bwd_diag(
+    q, k, v, gc, h, do, dh, da, dq, dk, db, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Diagonal decay, per (sub-chunk × K block, chunk, batch·head): dq, dk of the sub-chunk's S
+    rows in one K block and db = q ⊙ dq - k ⊙ dk (float32; per K column, so K blocks need no
+    sum). V is walked in blocks of BV for the state terms do S_inᵀ and v dSᵀ; dA is
+    `dscores_diag`'s. As in `scores_diag`, other sub-chunks go through tensor cores with the decay
+    split at a sub-chunk edge (its first row for dq, its last for dk), and the own [S, S] block
+    is exact, one row at a time, its dA column and row loaded for that row."""
+    NS: tl.constexpr = C // S
+    i_s, i_k = tl.program_id(0) % NS, tl.program_id(0) // NS
+    c, i_bh = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    n = tl.cdiv(T, C)
+    rc, rs, rk = tl.arange(0, C), tl.arange(0, S), i_k * BK + tl.arange(0, BK)
+    s0 = i_s * S
+    t_all, t_s = c * C + rc, c * C + s0 + rs
+    row_all, row_s = (i_b * T + t_all) * H + i_h, (i_b * T + t_s) * H + i_h
+    hc, dhc = h + (i_bh * n + c) * K * V, dh + (i_bh * n + c) * K * V
+    dq_state = tl.zeros([S, BK], dtype=tl.float32)
+    dk_state = tl.zeros([S, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        rv = v0 + tl.arange(0, BV)
+        m_v = rv[None, :] < V
+        m_kv = (rk[:, None] < K) & m_v
+        do_s = tl.load(do + row_s[:, None] * V + rv[None, :], mask=(t_s < T)[:, None] & m_v, other=0.0)
+        v_s = tl.load(v + row_s[:, None] * V + rv[None, :], mask=(t_s < T)[:, None] & m_v, other=0.0)
+        hh = tl.load(hc + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0)
+        dhh = tl.load(dhc + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0)
+        dq_state += tl.dot(do_s, tl.trans(hh), input_precision=PREC)
+        dk_state += tl.dot(v_s, tl.trans(dhh), input_precision=PREC)
+
+    m_k = rk < K
+    m_all = (t_all < T)[:, None] & m_k[None, :]
+    m_s = (t_s < T)[:, None] & m_k[None, :]
+    before, after = (rc < s0)[:, None], (rc >= s0 + S)[:, None]
+    b_s = tl.load(gc + _gc_rows(t_s, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+    b_all = tl.load(gc + _gc_rows(t_all, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+    b_first = tl.load(gc + _gc_rows(c * C + s0, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
+    b_last = tl.load(gc + _gc_rows(c * C + s0 + S - 1, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
+    b_end = tl.load(gc + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
+    qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_s, other=0.0)
+    kk = tl.load(k + row_s[:, None] * K + rk[None, :], mask=m_s, other=0.0)
+    da_rows = tl.load(da + row_s[:, None] * C + rc[None, :], mask=(t_s < T)[:, None], other=0.0)
+    da_cols = tl.load(da + row_all[:, None] * C + s0 + rs[None, :], mask=(t_all < T)[:, None], other=0.0)
+    k_before = tl.load(k + row_all[:, None] * K + rk[None, :], mask=m_all & before, other=0.0)
+    kd = k_before * tl.exp(tl.where(before, b_first[None, :] - b_all, float("-inf")))
+    dqs = dq_state * tl.exp(b_s)
+    dqs += tl.dot(da_rows.to(kk.dtype), kd.to(kk.dtype), input_precision=PREC) * tl.exp(b_s - b_first[None, :])
+    q_after = tl.load(q + row_all[:, None] * K + rk[None, :], mask=m_all & after, other=0.0)
+    qd = q_after * tl.exp(tl.where(after, b_all - b_last[None, :], float("-inf")))
+    dks = dk_state * tl.exp(b_end[None, :] - b_s)
+    dks += tl.dot(tl.trans(da_cols).to(qq.dtype), qd.to(qq.dtype), input_precision=PREC) * tl.exp(b_last[None, :] - b_s)
+    for j in range(S):
+        t_j = c * C + s0 + j
+        m_j = m_k & (t_j < T)
+        row_j = (i_b * T + t_j) * H + i_h
+        # the same gc row as b_s's row j: b_i - b_j is exactly 0 at i = j
+        b_j = tl.load(gc + _gc_rows(t_j, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
+        k_j = tl.load(k + row_j * K + rk, mask=m_j, other=0.0).to(tl.float32)
+        q_j = tl.load(q + row_j * K + rk, mask=m_j, other=0.0).to(tl.float32)
+        # row j as the key (dq of rows i ≥ j, dA[i, j]) and as the query (dk of rows i ≤ j, dA[j, i])
+        da_col = tl.load(da + row_s * C + s0 + j, mask=t_s < T, other=0.0)
+        da_row = tl.load(da + row_j * C + s0 + rs, mask=t_j < T, other=0.0)
+        dqs += da_col[:, None] * k_j[None, :] * tl.exp(tl.where(rs[:, None] >= j, b_s - b_j[None, :], float("-inf")))
+        dks += da_row[:, None] * q_j[None, :] * tl.exp(tl.where(rs[:, None] <= j, b_j[None, :] - b_s, float("-inf")))
+    tl.store(dq + row_s[:, None] * K + rk[None, :], dqs.to(dq.dtype.element_ty), mask=m_s)
+    tl.store(dk + row_s[:, None] * K + rk[None, :], dks.to(dk.dtype.element_ty), mask=m_s)
+    tl.store(db + row_s[:, None] * K + rk[None, :], qq.to(tl.float32) * dqs - kk.to(tl.float32) * dks, mask=m_s)
+
+
+@triton.autotune(configs=_block_configs("BK", (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BV", "DIAG"])
+@triton.jit
+def dv_bwd(
+    q, k, g, a, dh, do, dv, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (V block, chunk, batch·head): dv = Aᵀ do + (k ⊙ tail) dS, with K walked in blocks of BK.
+    Scalar decay recomputes the scores A; diagonal decay reads the forward's (and g is gc)."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     n = tl.cdiv(T, C)
@@ -284,24 +415,35 @@ def dv_bwd_scalar(
     m_t, m_v = t < T, rv < V
     row = (i_b * T + t) * H + i_h
     m_tv = m_t[:, None] & m_v[None, :]
-    gg = tl.load(g + row, mask=m_t, other=0.0).to(tl.float32)
-    b = tl.cumsum(gg, 0)
-    tail = tl.exp(tl.cumsum(gg, 0, reverse=True) - gg)
     dhc = dh + (i_bh * n + c) * K * V
-    a = tl.zeros([C, C], dtype=tl.float32)
     dv_acc = tl.zeros([C, BV], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        m = m_t[:, None] & (rk[None, :] < K)
-        qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-        kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-        dhh = tl.load(dhc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
-        a += tl.dot(qq, tl.trans(kk), input_precision=PREC)
-        dv_acc += tl.dot((kk * tail[:, None]).to(dhh.dtype), dhh, input_precision=PREC)
-    causal = rc[:, None] >= rc[None, :]
-    a = a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    if DIAG:  # g is gc
+        aa = tl.load(a + row[:, None] * C + rc[None, :], mask=m_t[:, None], other=0.0)
+        gc_t, gc_end = _gc_rows(t, T, i_b, i_h, H), _gc_rows(c * C + C - 1, T, i_b, i_h, H)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            m = m_t[:, None] & (rk[None, :] < K)
+            kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
+            b = tl.load(g + gc_t[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            b_end = tl.load(g + gc_end * K + rk, mask=rk < K, other=0.0)
+            dhh = tl.load(dhc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
+            dv_acc += tl.dot((kk * tl.exp(b_end[None, :] - b)).to(dhh.dtype), dhh, input_precision=PREC)
+    else:
+        gg = tl.load(g + row, mask=m_t, other=0.0).to(tl.float32)
+        b = tl.cumsum(gg, 0)
+        tail = tl.exp(tl.cumsum(gg, 0, reverse=True) - gg)
+        aa = tl.zeros([C, C], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            m = m_t[:, None] & (rk[None, :] < K)
+            qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
+            kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
+            dhh = tl.load(dhc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
+            aa += tl.dot(qq, tl.trans(kk), input_precision=PREC)
+            dv_acc += tl.dot((kk * tail[:, None]).to(dhh.dtype), dhh, input_precision=PREC)
+        aa = aa * tl.exp(tl.where(rc[:, None] >= rc[None, :], b[:, None] - b[None, :], float("-inf")))
     dd = tl.load(do + row[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-    dv_acc += tl.dot(tl.trans(a).to(dd.dtype), dd, input_precision=PREC)
+    dv_acc += tl.dot(tl.trans(aa).to(dd.dtype), dd, input_precision=PREC)
     tl.store(dv + row[:, None] * V + rv[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
 
 

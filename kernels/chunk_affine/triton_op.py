@@ -3,16 +3,22 @@
 Same contract as `reference.chunk_affine_ref`. The chunk the kernels use is an implementation
 detail: every chunk size computes the same function (only rounding differs), so the kernels pick
 what their tiles need. Scalar decay runs with the requested chunk size when it is a power of two
-in [16, 128] and with the nearest one otherwise; diagonal decay evaluates its [C, C, K] decay
-tensor exactly and always runs with C = 16.
+in [16, 128] and with the nearest one otherwise; diagonal decay always runs with C = 64 in
+sub-chunks of 16 (see `triton_kernels.scores_diag`).
 
-Backward. Scalar decay keeps the forward's per-chunk states ([B, H, T/C, K, V] in the input
-dtype: K·V/C values per token and head, 2× v's size at K = V = 128, C = 64); recomputing them
-took 12% of its fwd+bwd time. Diagonal decay recomputes them: at C = 16 they would be 8× v's size.
+Diagonal decay: every kernel loads the chunk-local cumulative log decay gc ([B, T, H, K],
+float32) that `triton_kernels.chunk_cumsum` writes once in the forward; the forward keeps gc for
+the backward in place of g (float32: the size of a float32 g, twice that of a bf16 one).
+
+Backward. The forward keeps its per-chunk states ([B, H, T/C, K, V] in the input dtype: K·V/C
+values per token and head, 2× v's size at K = V = 128, C = 64) and, for diagonal decay, its
+float32 score matrices ([B, T, H, C]); recomputing the states took 12% of the scalar fwd+bwd time.
+Diagonal decay forms dA = do vᵀ once per chunk (`dscores_diag`, float32 [B, T, H, C]) for the
+dq/dk kernel.
 The decay gradient comes from the other gradients: with B_t the cumulative log decay from the
 sequence start, every term depends on B only through q_t ⊙ e^{B_t}, k_t ⊙ e^{-B_t} and the final
 state's e^{B_T} factor, so dL/dB_t = q_t ⊙ dq_t - k_t ⊙ dk_t (plus S_T ⊙ dS_T summed over V at
-t = T-1). The dq/dk kernel writes that product from its float32 dq, dk; dg is its reverse
+t = T-1). The dq/dk kernels write that product from their float32 dq, dk; dg is its reverse
 cumulative sum over the sequence (kernel `decay_grad`).
 """
 
@@ -24,7 +30,7 @@ import triton
 from psm_train.kernels.chunk_affine import MAX_TRITON_DIM
 from psm_train.kernels.chunk_affine import triton_kernels as kern
 
-KS = 16  # K slice of the diagonal decay tensor [C, C, KS]
+DIAG_CHUNK, DIAG_SUB = 64, 16  # diagonal decay: chunk and sub-chunk lengths
 
 
 def _pow2(n: int) -> int:
@@ -34,7 +40,7 @@ def _pow2(n: int) -> int:
 def kernel_chunk(chunk_size: int, diagonal: bool) -> int:
     """Chunk length the kernels run with for a requested chunk size (see the module docstring)."""
     if diagonal:
-        return 16
+        return DIAG_CHUNK
     return min(128, _pow2(chunk_size))
 
 
@@ -49,8 +55,19 @@ def _meta(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk_size: int) ->
     )
 
 
+def _chunk_cumsum(g, m):
+    """Diagonal decay: gc, the cumulative log decay from each chunk's start ([B, T, H, K], float32)."""
+    BK = min(64, _pow2(m["K"]))
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    kern.chunk_cumsum[(triton.cdiv(m["K"], BK), m["N"], m["B"] * m["H"])](
+        g, gc, m["T"], H=m["H"], K=m["K"], C=m["C"], BK=BK,
+    )
+    return gc
+
+
 def _states(k, v, g, h0, m):
-    """Per-chunk incoming states [B, H, N, K, V] (input dtype) and the final state (float32)."""
+    """Per-chunk incoming states [B, H, N, K, V] (input dtype) and the final state (float32).
+    g: the log decay, or gc for diagonal decay."""
     B, H, K, V = m["B"], m["H"], m["K"], m["V"]
     BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
     h = k.new_empty(B, H, m["N"], K, V, dtype=v.dtype)
@@ -67,64 +84,72 @@ class _ChunkAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, chunk_size):
         m = _meta(q, v, g, chunk_size)
-        h, ht = _states(k, v, g, h0, m)
+        b = _chunk_cumsum(g, m) if m["DIAG"] else g
+        h, ht = _states(k, v, b, h0, m)
+        a = None
+        if m["DIAG"]:
+            a = q.new_empty(m["B"], m["T"], m["H"], m["C"], dtype=torch.float32)
+            kern.scores_diag[(m["C"] // DIAG_SUB, m["N"], m["B"] * m["H"])](
+                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, KP=_pow2(m["K"]), PREC=m["PREC"],
+            )
         o = torch.empty_like(v)
-        grid = (1, m["N"], m["B"] * m["H"])
-        kern.out_fwd[grid](
-            q, k, v, g, h, o, m["T"],
-            H=m["H"], K=m["K"], V=m["V"], C=m["C"], BK=_pow2(m["K"]), BV=_pow2(m["V"]), KS=KS,
-            DIAG=m["DIAG"], PREC=m["PREC"],
+        # scalar decay computes its scores in out_fwd, so one V block; diagonal decay reads them
+        BV = min(64, _pow2(m["V"])) if m["DIAG"] else _pow2(m["V"])
+        kern.out_fwd[(triton.cdiv(m["V"], BV), m["N"], m["B"] * m["H"])](
+            q, k, v, b, h, q if a is None else a, o, m["T"],
+            H=m["H"], K=m["K"], V=m["V"], C=m["C"], BK=_pow2(m["K"]), BV=BV, DIAG=m["DIAG"], PREC=m["PREC"],
         )
-        ctx.save_for_backward(q, k, v, g, h0, None if m["DIAG"] else h, ht)
-        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(q, k, v, b, h0, h, ht, a)
+        ctx.chunk_size, ctx.g_dtype = chunk_size, g.dtype
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, h, ht = ctx.saved_tensors
-        m = _meta(q, v, g, ctx.chunk_size)
-        B, T, H, K, V = m["B"], m["T"], m["H"], m["K"], m["V"]
+        q, k, v, b, h0, h, ht, a = ctx.saved_tensors  # b: g, or gc for diagonal decay (g's shape)
+        m = _meta(q, v, b, ctx.chunk_size)
+        B, T, H, K, V, N = m["B"], m["T"], m["H"], m["K"], m["V"], m["N"]
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-        if h is None:
-            h, _ = _states(k, v, g, h0, m)
 
         BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
         dh = torch.empty_like(h)
         dh0 = q.new_empty(B, H, K, V, dtype=torch.float32)
         kern.state_bwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-            q, do, g, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
+            q, do, b, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
             H=H, K=K, V=V, C=m["C"], BK=BK, BV=BV, DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
         )
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
         nk = 1 if m["DIAG"] else triton.cdiv(K, BK)
-        db = torch.empty(nk, *g.shape, dtype=torch.float32, device=g.device)
+        db = torch.empty(nk, *b.shape, dtype=torch.float32, device=b.device)
         if m["DIAG"]:
-            kern.grads_bwd_diag[(m["N"], B * H)](
-                q, k, v, g, h, do, dh, dq, dk, dv, db, T,
-                H=H, K=K, V=V, C=m["C"], BK=_pow2(K), BV=_pow2(V), KS=KS, PREC=m["PREC"],
+            da = torch.empty(B, T, H, m["C"], dtype=torch.float32, device=v.device)
+            kern.dscores_diag[(N, B * H)](v, do, da, T, H=H, V=V, C=m["C"], PREC=m["PREC"])
+            grid = lambda meta: (m["C"] // DIAG_SUB * triton.cdiv(K, meta["BK"]), N, B * H)  # noqa: E731
+            kern.dqk_bwd_diag[grid](
+                q, k, v, b, h, do, dh, da, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
             )
         else:
-            kern.dqk_bwd_scalar[(nk, m["N"], B * H)](
-                q, k, v, g, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
+            kern.dqk_bwd_scalar[(nk, N, B * H)](
+                q, k, v, b, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
             )
-            kern.dv_bwd_scalar[(triton.cdiv(V, BV), m["N"], B * H)](
-                q, k, g, dh, do, dv, T, H=H, K=K, V=V, C=m["C"], BV=BV, PREC=m["PREC"],
-            )
+        kern.dv_bwd[(triton.cdiv(V, BV), N, B * H)](
+            q, k, b, q if a is None else a, dh, do, dv, T,
+            H=H, K=K, V=V, C=m["C"], BV=BV, DIAG=m["DIAG"], PREC=m["PREC"],
+        )
 
         if dht is not None:  # the final state's e^{B_T} factor
             end = (ht * dht.float()).sum(-1)  # [B, H, K]
             db[0, :, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
-        dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        W = g.shape[-1]
+        dg = torch.empty(b.shape, dtype=torch.float32, device=b.device)
+        W = b.shape[-1]
         BW = min(64, triton.next_power_of_2(W))
         kern.decay_grad[(triton.cdiv(W, BW), B * H)](
             db, dg, T, NK=nk, H=H, W=W, BT=kern.decay_grad_rows(BW), BW=BW,
         )
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
-        return dq, dk, dv, dg.to(g.dtype), dh0, None
+        return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None
 
 
 def chunk_affine_triton(
