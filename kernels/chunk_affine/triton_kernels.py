@@ -39,6 +39,7 @@ order on a GPU) would err by |b|·2⁻²⁴ there. Off the diagonal, the roundin
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import triton
@@ -54,11 +55,14 @@ def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
-def _block_configs(name: str, blocks: tuple[int, ...], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    """Configs over the block size ``name`` of a dimension that a kernel walks or splits."""
+def _tile_configs(names: tuple[str, ...], blocks: tuple[int, ...], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
+    """Configs over the block sizes ``names`` (each one of ``blocks``) of dimensions a kernel walks or splits."""
     if _INTERPRET:  # small, so that the CPU tests walk several blocks
-        return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({name: b}, num_warps=w, num_stages=s) for b in blocks for w in warps for s in stages]
+        return [triton.Config(dict.fromkeys(names, 16), num_warps=4, num_stages=1)]
+    return [
+        triton.Config(dict(zip(names, bs)), num_warps=w, num_stages=s)
+        for bs in itertools.product(blocks, repeat=len(names)) for w in warps for s in stages
+    ]
 
 
 @triton.jit
@@ -83,7 +87,7 @@ def chunk_cumsum(
     tl.store(gc + off, tl.cumsum(tl.load(g + off, mask=m, other=0.0).to(tl.float32), 0), mask=m)
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["K", "V", "C", "BK", "BV", "DIAG"])
+@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
 @triton.jit
 def state_fwd(
     k, v, g, h0, h, ht, T,
@@ -119,47 +123,41 @@ def state_fwd(
     tl.store(ht + i_bh * K * V + kv, s, mask=m_kv)
 
 
-@triton.autotune(configs=_block_configs("BK", (32, 64), (4, 8), (1, 2)), key=["K", "C", "S"])
+@triton.autotune(configs=_configs([4, 8], [1, 2]), key=["K", "C", "S"])
 @triton.jit
 def scores_diag(
     q, k, gc, a, T,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, KP: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Diagonal decay, per (sub-chunk, chunk, batch·head): the S rows of the chunk's score matrix
     A[i, j] = Σ_K q_i k_j e^{b_i - b_j} (j ≤ i, else 0; float32, a [B, T, H, C]) that belong to one
-    sub-chunk. Earlier sub-chunks go through one tensor-core product, K walked in blocks of BK,
-    with the decay split at the sub-chunk's first row (both factors ≤ 1). The own [S, S] block is
-    exact: all of K in one tile (KP, K's power of two), one key column at a time, each column
+    sub-chunk, all of K in one tile (KP, K's power of two). Each earlier sub-chunk is one [S, S]
+    tensor-core product with the decay split at this sub-chunk's first row (both factors ≤ 1);
+    later ones are zeros. The own [S, S] block is exact, one key column at a time, each column
     stored as it is computed."""
+    NS: tl.constexpr = C // S
     i_s, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    rc, rs = tl.arange(0, C), tl.arange(0, S)
+    rs, rk = tl.arange(0, S), tl.arange(0, KP)
+    m_k = (rk < K)[None, :]
     s0 = i_s * S
-    t_all, t_s = c * C + rc, c * C + s0 + rs
-    row_all, row_s = (i_b * T + t_all) * H + i_h, (i_b * T + t_s) * H + i_h
-    gc_all, gc_s = _gc_rows(t_all, T, i_b, i_h, H), _gc_rows(t_s, T, i_b, i_h, H)
-    gc_first = _gc_rows(c * C + s0, T, i_b, i_h, H)
-    before = (rc < s0)[:, None]
+    t_s = c * C + s0 + rs
+    row_s = (i_b * T + t_s) * H + i_h
     m_row = t_s < T
-    acc = tl.zeros([S, C], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        m_k = (rk < K)[None, :]
-        b_first = tl.load(gc + gc_first * K + rk, mask=rk < K, other=0.0)
-        b_s = tl.load(gc + gc_s[:, None] * K + rk[None, :], mask=m_k, other=0.0)
-        # b_all = 0 outside the earlier sub-chunks keeps b_first - b_all ≤ 0 where k is 0
-        b_all = tl.load(gc + gc_all[:, None] * K + rk[None, :], mask=m_k & before, other=0.0)
-        qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k, other=0.0)
-        kk = tl.load(k + row_all[:, None] * K + rk[None, :], mask=(t_all < T)[:, None] & m_k & before, other=0.0)
-        qd = (qq * tl.exp(b_s - b_first[None, :])).to(qq.dtype)
-        kd = (kk * tl.exp(b_first[None, :] - b_all)).to(kk.dtype)
-        acc += tl.dot(qd, tl.trans(kd), input_precision=PREC)
-    own_cols = (rc >= s0) & (rc < s0 + S)
-    tl.store(a + row_s[:, None] * C + rc[None, :], acc, mask=m_row[:, None] & ~own_cols[None, :])
-    rk = tl.arange(0, KP)
-    b_s = tl.load(gc + gc_s[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
-    q32 = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+    b_s = tl.load(gc + _gc_rows(t_s, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k, other=0.0)
+    b_first = tl.load(gc + _gc_rows(c * C + s0, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
+    qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k, other=0.0)
+    qd = (qq * tl.exp(b_s - b_first[None, :])).to(qq.dtype)
+    for p in range(0, i_s):
+        t_p = c * C + p * S + rs
+        k_p = tl.load(k + ((i_b * T + t_p) * H + i_h)[:, None] * K + rk[None, :], mask=(t_p < T)[:, None] & m_k, other=0.0)
+        b_p = tl.load(gc + _gc_rows(t_p, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k, other=0.0)
+        kd = (k_p * tl.exp(b_first[None, :] - b_p)).to(k_p.dtype)
+        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], tl.dot(qd, tl.trans(kd), input_precision=PREC), mask=m_row[:, None])
+    for p in range(i_s + 1, NS):
+        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], tl.zeros([S, S], dtype=tl.float32), mask=m_row[:, None])
+    q32 = qq.to(tl.float32)
     for j in range(S):
         t_j = c * C + s0 + j
         # the same gc row as b_s's row j: b_i - b_j is exactly 0 at i = j
@@ -203,7 +201,7 @@ def out_fwd(
     tl.store(o + row[:, None] * V + rv[None, :], acc.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["K", "V", "C", "BK", "BV", "DIAG"])
+@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
 @triton.jit
 def state_bwd(
     q, do, g, dht, dh, dh0, T,
@@ -241,7 +239,7 @@ def state_bwd(
     tl.store(dh0 + i_bh * K * V + kv, ds, mask=m_kv)
 
 
-@triton.autotune(configs=_block_configs("BV", (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BK"])
+@triton.autotune(configs=_tile_configs(("BV",), (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BK"])
 @triton.jit
 def dqk_bwd_scalar(
     q, k, v, g, h, do, dh, dq, dk, db, T,
@@ -289,7 +287,7 @@ def dqk_bwd_scalar(
     tl.store(db + (i_k * tl.num_programs(2)).to(tl.int64) * T + row, part, mask=m_t)  # db [NK, B, T, H]
 
 
-@triton.autotune(configs=_block_configs("BV", (32, 64), (4, 8), (1, 2)), key=["V", "C"])
+@triton.autotune(configs=_tile_configs(("BV",), (32, 64), (4, 8), (1, 2)), key=["V", "C"])
 @triton.jit
 def dscores_diag(
     v, do, da, T,
@@ -314,16 +312,7 @@ def dscores_diag(
     tl.store(da + row[:, None] * C + rc[None, :], tl.where(rc[:, None] >= rc[None, :], acc, 0.0), mask=m_t[:, None])
 
 
-def _dqk_diag_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-        for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (1, 2)
-    ]
-
-
-@triton.autotune(configs=_dqk_diag_configs(), key=["K", "V", "C", "S"])
+@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (1, 2)), key=["K", "V", "C", "S"])
 @triton.jit
 def dqk_bwd_diag(
     q, k, v, gc, h, do, dh, da, dq, dk, db, T,
@@ -333,18 +322,19 @@ def dqk_bwd_diag(
     """Diagonal decay, per (sub-chunk × K block, chunk, batch·head): dq, dk of the sub-chunk's S
     rows in one K block and db = q ⊙ dq - k ⊙ dk (float32; per K column, so K blocks need no
     sum). V is walked in blocks of BV for the state terms do S_inᵀ and v dSᵀ; dA is
-    `dscores_diag`'s. As in `scores_diag`, other sub-chunks go through tensor cores with the decay
-    split at a sub-chunk edge (its first row for dq, its last for dk), and the own [S, S] block
-    is exact, one row at a time, its dA column and row loaded for that row."""
+    `dscores_diag`'s. As in `scores_diag`, other sub-chunks go through tensor cores, one [S, S]
+    block of dA at a time (the earlier sub-chunks for dq, the later ones for dk), with the decay
+    split at this sub-chunk's first row (dq) or last row (dk), and the own [S, S] block is exact,
+    one row at a time, its dA column and row loaded for that row."""
     NS: tl.constexpr = C // S
     i_s, i_k = tl.program_id(0) % NS, tl.program_id(0) // NS
     c, i_bh = tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     n = tl.cdiv(T, C)
-    rc, rs, rk = tl.arange(0, C), tl.arange(0, S), i_k * BK + tl.arange(0, BK)
+    rs, rk = tl.arange(0, S), i_k * BK + tl.arange(0, BK)
     s0 = i_s * S
-    t_all, t_s = c * C + rc, c * C + s0 + rs
-    row_all, row_s = (i_b * T + t_all) * H + i_h, (i_b * T + t_s) * H + i_h
+    t_s = c * C + s0 + rs
+    row_s = (i_b * T + t_s) * H + i_h
     hc, dhc = h + (i_bh * n + c) * K * V, dh + (i_bh * n + c) * K * V
     dq_state = tl.zeros([S, BK], dtype=tl.float32)
     dk_state = tl.zeros([S, BK], dtype=tl.float32)
@@ -360,26 +350,34 @@ def dqk_bwd_diag(
         dk_state += tl.dot(v_s, tl.trans(dhh), input_precision=PREC)
 
     m_k = rk < K
-    m_all = (t_all < T)[:, None] & m_k[None, :]
     m_s = (t_s < T)[:, None] & m_k[None, :]
-    before, after = (rc < s0)[:, None], (rc >= s0 + S)[:, None]
     b_s = tl.load(gc + _gc_rows(t_s, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
-    b_all = tl.load(gc + _gc_rows(t_all, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
     b_first = tl.load(gc + _gc_rows(c * C + s0, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
     b_last = tl.load(gc + _gc_rows(c * C + s0 + S - 1, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
     b_end = tl.load(gc + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=m_k, other=0.0)
     qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_s, other=0.0)
     kk = tl.load(k + row_s[:, None] * K + rk[None, :], mask=m_s, other=0.0)
-    da_rows = tl.load(da + row_s[:, None] * C + rc[None, :], mask=(t_s < T)[:, None], other=0.0)
-    da_cols = tl.load(da + row_all[:, None] * C + s0 + rs[None, :], mask=(t_all < T)[:, None], other=0.0)
-    k_before = tl.load(k + row_all[:, None] * K + rk[None, :], mask=m_all & before, other=0.0)
-    kd = k_before * tl.exp(tl.where(before, b_first[None, :] - b_all, float("-inf")))
-    dqs = dq_state * tl.exp(b_s)
-    dqs += tl.dot(da_rows.to(kk.dtype), kd.to(kk.dtype), input_precision=PREC) * tl.exp(b_s - b_first[None, :])
-    q_after = tl.load(q + row_all[:, None] * K + rk[None, :], mask=m_all & after, other=0.0)
-    qd = q_after * tl.exp(tl.where(after, b_all - b_last[None, :], float("-inf")))
-    dks = dk_state * tl.exp(b_end[None, :] - b_s)
-    dks += tl.dot(tl.trans(da_cols).to(qq.dtype), qd.to(qq.dtype), input_precision=PREC) * tl.exp(b_last[None, :] - b_s)
+    # the earlier sub-chunks' keys (dq) and the later ones' queries (dk), S rows at a time
+    dq_inter = tl.zeros([S, BK], dtype=tl.float32)
+    for p in range(0, i_s):
+        t_p = c * C + p * S + rs
+        row_p = (i_b * T + t_p) * H + i_h
+        k_p = tl.load(k + row_p[:, None] * K + rk[None, :], mask=(t_p < T)[:, None] & m_k[None, :], other=0.0)
+        b_p = tl.load(gc + _gc_rows(t_p, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+        da_p = tl.load(da + row_s[:, None] * C + p * S + rs[None, :], mask=(t_s < T)[:, None], other=0.0)
+        kd = (k_p * tl.exp(b_first[None, :] - b_p)).to(kk.dtype)
+        dq_inter += tl.dot(da_p.to(kk.dtype), kd, input_precision=PREC)
+    dk_inter = tl.zeros([S, BK], dtype=tl.float32)
+    for p in range(i_s + 1, NS):
+        t_p = c * C + p * S + rs
+        row_p = (i_b * T + t_p) * H + i_h
+        q_p = tl.load(q + row_p[:, None] * K + rk[None, :], mask=(t_p < T)[:, None] & m_k[None, :], other=0.0)
+        b_p = tl.load(gc + _gc_rows(t_p, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+        da_p = tl.load(da + row_p[:, None] * C + s0 + rs[None, :], mask=(t_p < T)[:, None], other=0.0)
+        qd = (q_p * tl.exp(b_p - b_last[None, :])).to(qq.dtype)
+        dk_inter += tl.dot(tl.trans(da_p).to(qq.dtype), qd, input_precision=PREC)
+    dqs = dq_state * tl.exp(b_s) + dq_inter * tl.exp(b_s - b_first[None, :])
+    dks = dk_state * tl.exp(b_end[None, :] - b_s) + dk_inter * tl.exp(b_last[None, :] - b_s)
     for j in range(S):
         t_j = c * C + s0 + j
         m_j = m_k & (t_j < T)
@@ -398,7 +396,7 @@ def dqk_bwd_diag(
     tl.store(db + row_s[:, None] * K + rk[None, :], qq.to(tl.float32) * dqs - kk.to(tl.float32) * dks, mask=m_s)
 
 
-@triton.autotune(configs=_block_configs("BK", (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BV", "DIAG"])
+@triton.autotune(configs=_tile_configs(("BK",), (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BV", "DIAG"])
 @triton.jit
 def dv_bwd(
     q, k, g, a, dh, do, dv, T,
@@ -447,12 +445,21 @@ def dv_bwd(
     tl.store(dv + row[:, None] * V + rv[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
 
 
-def decay_grad_rows(bw: int) -> int:
-    """Rows per iteration of `decay_grad` for a column block of bw: 2048 values per tile (16 rows
-    under the interpreter, so that the CPU tests carry across several iterations)."""
-    return 16 if _INTERPRET else max(16, 2048 // bw)
+def _decay_grad_configs() -> list[triton.Config]:
+    """Column blocks BW with 2048 values per tile (BT rows)."""
+    if _INTERPRET:  # 16 rows, so that the CPU tests carry across several iterations
+        return [triton.Config({"BW": 16, "BT": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BW": bw, "BT": 2048 // bw}, num_warps=w) for bw in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8)]
 
 
+def _fit_width(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Column blocks of 16 to 64 for W ≥ 16 (more blocks, more programs walking T in parallel), else
+    one block of W's power of two (scalar decay: 1)."""
+    w = triton.next_power_of_2(kwargs["W"])
+    return [c for c in configs if (16 <= c.kwargs["BW"] <= w if w >= 16 else c.kwargs["BW"] == w)]
+
+
+@triton.autotune(configs=_decay_grad_configs(), key=["NK", "W"], prune_configs_by={"early_config_prune": _fit_width})
 @triton.jit
 def decay_grad(
     db, dg, T,

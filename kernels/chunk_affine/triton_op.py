@@ -65,17 +65,20 @@ def _chunk_cumsum(g, m):
     return gc
 
 
+def _state_grid(m):
+    """Grid of the state passes: (K blocks, V blocks, batch·head), with autotuned blocks."""
+    return lambda meta: (triton.cdiv(m["K"], meta["BK"]), triton.cdiv(m["V"], meta["BV"]), m["B"] * m["H"])
+
+
 def _states(k, v, g, h0, m):
     """Per-chunk incoming states [B, H, N, K, V] (input dtype) and the final state (float32).
     g: the log decay, or gc for diagonal decay."""
     B, H, K, V = m["B"], m["H"], m["K"], m["V"]
-    BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
     h = k.new_empty(B, H, m["N"], K, V, dtype=v.dtype)
     ht = k.new_empty(B, H, K, V, dtype=torch.float32)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
-    kern.state_fwd[grid](
+    kern.state_fwd[_state_grid(m)](
         k, v, g, h0 if h0 is not None else ht, h, ht, m["T"],
-        H=H, K=K, V=V, C=m["C"], BK=BK, BV=BV, DIAG=m["DIAG"], USE_H0=h0 is not None, PREC=m["PREC"],
+        H=H, K=K, V=V, C=m["C"], DIAG=m["DIAG"], USE_H0=h0 is not None, PREC=m["PREC"],
     )
     return h, ht
 
@@ -111,13 +114,13 @@ class _ChunkAffine(torch.autograd.Function):
         B, T, H, K, V, N = m["B"], m["T"], m["H"], m["K"], m["V"], m["N"]
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
 
-        BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
         dh = torch.empty_like(h)
         dh0 = q.new_empty(B, H, K, V, dtype=torch.float32)
-        kern.state_bwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+        kern.state_bwd[_state_grid(m)](
             q, do, b, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
-            H=H, K=K, V=V, C=m["C"], BK=BK, BV=BV, DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
+            H=H, K=K, V=V, C=m["C"], DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
         )
+        BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
@@ -144,10 +147,7 @@ class _ChunkAffine(torch.autograd.Function):
             db[0, :, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
         dg = torch.empty(b.shape, dtype=torch.float32, device=b.device)
         W = b.shape[-1]
-        BW = min(64, triton.next_power_of_2(W))
-        kern.decay_grad[(triton.cdiv(W, BW), B * H)](
-            db, dg, T, NK=nk, H=H, W=W, BT=kern.decay_grad_rows(BW), BW=BW,
-        )
+        kern.decay_grad[lambda meta: (triton.cdiv(W, meta["BW"]), B * H)](db, dg, T, NK=nk, H=H, W=W)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None
 
