@@ -126,6 +126,22 @@ def test_matches_reference_fp32_gpu(decay):
     check(decay, 1500, 64, True, torch.float32, K=128, V=128, B=2, H=2)
 
 
+def test_decay_grad_column_blocks(monkeypatch):
+    """The decay gradient's autotuning candidates, pruned on the GPU only (the interpreter runs one
+    config): column blocks of 16 to 64 for diagonal decay, else one block of W's power of two
+    (scalar decay: 1), 2048 values per tile."""
+    from psm_train.kernels.chunk_affine import triton_kernels as kern
+
+    monkeypatch.setattr(kern, "_INTERPRET", False)
+    configs = kern._decay_grad_configs()
+    assert all(c.kwargs["BW"] * c.kwargs["BT"] == 2048 for c in configs)
+
+    def widths(W):
+        return sorted({c.kwargs["BW"] for c in kern._fit_width(configs, {}, W=W)})
+
+    assert (widths(1), widths(6), widths(24), widths(128)) == ([1], [8], [16, 32], [16, 32, 64])
+
+
 def test_dispatch():
     q = torch.zeros(1, 4, 1, 16)
     assert resolve_backend("auto", q) == ("triton" if q.is_cuda else "reference")
