@@ -74,8 +74,8 @@ def check(decay, T, chunk_size, with_initial, dtype, strength=1.0, **dims):
 
 
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
-# chunk 5 runs as the kernels' 16; T 150 crosses several chunks of every kernel chunk size
-@pytest.mark.parametrize("T,chunk_size", [(37, 16), (64, 32), (50, 5), (150, 64)])
+# chunk 5 runs as the kernels' 16; T 150 crosses several chunks of every kernel chunk size up to 64, T 300 of 128
+@pytest.mark.parametrize("T,chunk_size", [(37, 16), (64, 32), (50, 5), (150, 64), (300, 128)])
 @pytest.mark.parametrize("with_initial", [False, True])
 def test_matches_reference_fp32(decay, T, chunk_size, with_initial):
     check(decay, T, chunk_size, with_initial, torch.float32)
