@@ -81,6 +81,8 @@ def test_matches_reference_fp32(decay, T, chunk_size, with_initial):
     check(decay, T, chunk_size, with_initial, torch.float32)
 
 
+# the interpreter (numpy) warns where a kernel lets exponents it discards overflow
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
 def test_strong_decay_and_odd_dims(decay):
     """Log decay down to -20 per token (e^{+260} would overflow fp32) and head dims that are no tile size,
@@ -89,6 +91,7 @@ def test_strong_decay_and_odd_dims(decay):
 
 
 @pytest.mark.skipif(CUDA, reason="changes the interpreter's scan; a GPU runs its own")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("decay", ["scalar", "diagonal"])
 def test_strong_decay_with_tree_order_cumsum(decay, monkeypatch):
     """The strong-decay case with tl.cumsum adding in tree order, as a GPU's scan does, instead of
@@ -141,6 +144,22 @@ def test_decay_grad_column_blocks(monkeypatch):
 
     assert (widths(1), widths(6), widths(24), widths(128)) == ([1], [8], [16, 32], [16, 32, 64])
 
+
+
+def test_tile_blocks_fit_head_dims(monkeypatch):
+    """The K/V tile candidates of the GPU autotuning: none wider than the head dim's power of two,
+    V read from the positional arguments or the keywords."""
+    from psm_train.kernels.chunk_affine import triton_kernels as kern
+
+    monkeypatch.setattr(kern, "_INTERPRET", False)
+    configs = kern._tile_configs({"BK": (32, 64, 128), "BV": (32, 64, 128)}, (4,), (2,))
+
+    def blocks(nargs, **kwargs):
+        return sorted({(c.kwargs["BK"], c.kwargs["BV"]) for c in kern._fit_dims(configs, nargs, **kwargs)})
+
+    assert blocks({}, K=128, V=128) == [(a, b) for a in (32, 64, 128) for b in (32, 64, 128)]
+    assert blocks({"V": 48}, K=64) == [(32, 32), (32, 64), (64, 32), (64, 64)]
+    assert blocks({}, K=16, V=200) == [(32, a) for a in (32, 64, 128)]  # BK: none fits, the narrowest
 
 def test_dispatch():
     q = torch.zeros(1, 4, 1, 16)

@@ -12,9 +12,11 @@ Kernels:
 - `chunk_cumsum` (diagonal decay): gc, per (K block, chunk, batch·head).
 - `state_fwd`: per (K block, V block, batch·head), a loop over chunks that writes the state
   entering each chunk and the final state.
-- `scores_diag` (diagonal decay): per (sub-chunk, chunk, batch·head), the sub-chunk's rows of
-  the chunk's decay-weighted causal score matrix A (scalar decay computes its A where it is used).
-- `out_fwd`: per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v.
+- `scores_inter_diag`, `scores_own_diag` (diagonal decay): the chunk's decay-weighted causal
+  score matrix A in [S, S] blocks (scalar decay computes its A where it is used). The blocks
+  between two sub-chunks per (pair of sub-chunks, chunk, batch·head), walking K; each
+  sub-chunk's own block per (sub-chunk, chunk, batch·head).
+- `out_fwd`: per (V block, chunk, batch·head), walking K: o = (q ⊙ e^b) S_in + A v.
 - `state_bwd`: the same loop in reverse for dS, the gradient of the state leaving each chunk, and
   the gradient of the initial state.
 - `dscores_diag` (diagonal decay): dA = do vᵀ per (chunk, batch·head), walking V.
@@ -24,7 +26,8 @@ Kernels:
 - `decay_grad`: the decay gradient's reverse cumulative sum over the sequence.
 
 Decay inside a chunk is always exp(b_i - b_j) with i ≥ j, masked to -inf before the exp, so
-nothing overflows however strong the decay (the reference's rule). Scalar decay takes the decay
+nothing overflows however strong the decay (the reference's rule); `scores_own_diag` alone masks
+after the exp, per stored column, so an overflow above the diagonal never reaches A. Scalar decay takes the decay
 from a token to its chunk's end as a reverse cumulative sum, not b_C - b_j, whose rounding grows
 with |b|, and makes the in-chunk decay a [C, C] matrix next to a tensor-core q kᵀ. Diagonal decay
 makes it [C, C, K], which is never built: the chunk (64) is walked in sub-chunks of 16; between
@@ -47,6 +50,7 @@ import triton.language as tl
 
 # Under TRITON_INTERPRET=1 (CPU tests) autotuning would only rerun the kernels slowly.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
@@ -55,14 +59,25 @@ def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
-def _tile_configs(names: tuple[str, ...], blocks: tuple[int, ...], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    """Configs over the block sizes ``names`` (each one of ``blocks``) of dimensions a kernel walks or splits."""
+def _tile_configs(blocks: dict[str, tuple[int, ...]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
+    """Configs over the block sizes of the dimensions a kernel walks or splits (name: candidates)."""
     if _INTERPRET:  # small, so that the CPU tests walk several blocks
-        return [triton.Config(dict.fromkeys(names, 16), num_warps=4, num_stages=1)]
+        return [triton.Config(dict.fromkeys(blocks, 16), num_warps=4, num_stages=1)]
     return [
-        triton.Config(dict(zip(names, bs)), num_warps=w, num_stages=s)
-        for bs in itertools.product(blocks, repeat=len(names)) for w in warps for s in stages
+        triton.Config(dict(zip(blocks, bs)), num_warps=w, num_stages=s)
+        for bs in itertools.product(*blocks.values()) for w in warps for s in stages
     ]
+
+
+def _fit_dims(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose BK or BV block is wider than K's or V's power of two (all masked
+    columns); where no candidate is that narrow, keep the narrowest."""
+    dims = {**nargs, **kwargs}
+    limit = {
+        n: max(triton.next_power_of_2(dims[d]), min(c.kwargs[n] for c in configs))
+        for n, d in (("BK", "K"), ("BV", "V")) if n in configs[0].kwargs
+    }
+    return [c for c in configs if all(c.kwargs[n] <= lim for n, lim in limit.items())]
 
 
 @triton.jit
@@ -87,7 +102,7 @@ def chunk_cumsum(
     tl.store(gc + off, tl.cumsum(tl.load(g + off, mask=m, other=0.0).to(tl.float32), 0), mask=m)
 
 
-@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
+@triton.autotune(configs=_tile_configs({"BK": (32, 64), "BV": (32, 64)}, (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
 @triton.jit
 def state_fwd(
     k, v, g, h0, h, ht, T,
@@ -114,29 +129,67 @@ def state_fwd(
             b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             b_end = tl.load(g + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
             kd = (kk * tl.exp(b_end[None, :] - b)).to(kk.dtype)
-            s = s * tl.exp(b_end)[:, None] + tl.dot(tl.trans(kd), vv, input_precision=PREC)
+            s = tl.dot(tl.trans(kd), vv, s * tl.exp(b_end)[:, None], input_precision=PREC)
         else:
             gg = tl.load(g + row, mask=m_t, other=0.0).to(tl.float32)
             b_end = tl.sum(gg, 0)
             kd = (kk * tl.exp(tl.cumsum(gg, 0, reverse=True) - gg)[:, None]).to(kk.dtype)
-            s = s * tl.exp(b_end) + tl.dot(tl.trans(kd), vv, input_precision=PREC)
+            s = tl.dot(tl.trans(kd), vv, s * tl.exp(b_end), input_precision=PREC)
     tl.store(ht + i_bh * K * V + kv, s, mask=m_kv)
 
 
-@triton.autotune(configs=_configs([4, 8], [1, 2]), key=["K", "C", "S"])
+# no 1-warp configs: they spill at BK 64 (ptxas, sm_90, D 128)
+@triton.autotune(configs=_tile_configs({"BK": (32, 64)}, (2, 4), (2, 3)), key=["K", "C", "S"])
 @triton.jit
-def scores_diag(
+def scores_inter_diag(
     q, k, gc, a, T,
-    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, KP: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Diagonal decay, per (sub-chunk, chunk, batch·head): the S rows of the chunk's score matrix
-    A[i, j] = Σ_K q_i k_j e^{b_i - b_j} (j ≤ i, else 0; float32, a [B, T, H, C]) that belong to one
-    sub-chunk, all of K in one tile (KP, K's power of two). Each earlier sub-chunk is one [S, S]
-    tensor-core product with the decay split at this sub-chunk's first row (both factors ≤ 1);
-    later ones are zeros. The own [S, S] block is exact, one key column at a time, each column
-    stored as it is computed."""
+    """Diagonal decay, per (pair of sub-chunks, chunk, batch·head): one [S, S] block of the chunk's
+    score matrix A[i, j] = Σ_K q_i k_j e^{b_i - b_j} (j ≤ i, else 0; float32, a [B, T, H, C]), the
+    rows of sub-chunk i_s against the keys of sub-chunk p. An earlier p is a tensor-core product,
+    K walked in blocks of BK, with the decay split at sub-chunk i_s's first row (both factors
+    ≤ 1); a later p is zeros (`out_fwd` and `dv_bwd` read all C columns); p = i_s is
+    `scores_own_diag`'s."""
     NS: tl.constexpr = C // S
+    i_s, p = tl.program_id(0) // NS, tl.program_id(0) % NS
+    c, i_bh = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    rs = tl.arange(0, S)
+    t_s, t_p = c * C + i_s * S + rs, c * C + p * S + rs
+    row_s = (i_b * T + t_s) * H + i_h
+    m_row = t_s < T
+    if p < i_s:
+        row_p = (i_b * T + t_p) * H + i_h
+        gc_s, gc_p = _gc_rows(t_s, T, i_b, i_h, H), _gc_rows(t_p, T, i_b, i_h, H)
+        gc_first = _gc_rows(c * C + i_s * S, T, i_b, i_h, H)
+        acc = tl.zeros([S, S], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            m_k = rk < K
+            qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
+            k_p = tl.load(k + row_p[:, None] * K + rk[None, :], mask=(t_p < T)[:, None] & m_k[None, :], other=0.0)
+            b_s = tl.load(gc + gc_s[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+            b_p = tl.load(gc + gc_p[:, None] * K + rk[None, :], mask=m_k[None, :], other=0.0)
+            b_first = tl.load(gc + gc_first * K + rk, mask=m_k, other=0.0)
+            qd = (qq * tl.exp(b_s - b_first[None, :])).to(qq.dtype)
+            kd = (k_p * tl.exp(b_first[None, :] - b_p)).to(k_p.dtype)
+            acc += tl.dot(qd, tl.trans(kd), input_precision=PREC)
+        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], acc, mask=m_row[:, None])
+    elif p > i_s:
+        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], tl.zeros([S, S], dtype=tl.float32), mask=m_row[:, None])
+
+
+@triton.autotune(configs=_configs([2, 4], [1, 2]), key=["K", "C", "S"])
+@triton.jit
+def scores_own_diag(
+    q, k, gc, a, T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, KP: tl.constexpr,
+):
+    """Diagonal decay, per (sub-chunk, chunk, batch·head): the sub-chunk's own [S, S] block of the
+    score matrix A (see `scores_inter_diag`), exact, all of K in one tile (KP, K's power of two),
+    one key column at a time, each column stored as it is computed."""
     i_s, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     rs, rk = tl.arange(0, S), tl.arange(0, KP)
@@ -145,63 +198,67 @@ def scores_diag(
     t_s = c * C + s0 + rs
     row_s = (i_b * T + t_s) * H + i_h
     m_row = t_s < T
-    b_s = tl.load(gc + _gc_rows(t_s, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k, other=0.0)
-    b_first = tl.load(gc + _gc_rows(c * C + s0, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
-    qq = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k, other=0.0)
-    qd = (qq * tl.exp(b_s - b_first[None, :])).to(qq.dtype)
-    for p in range(0, i_s):
-        t_p = c * C + p * S + rs
-        k_p = tl.load(k + ((i_b * T + t_p) * H + i_h)[:, None] * K + rk[None, :], mask=(t_p < T)[:, None] & m_k, other=0.0)
-        b_p = tl.load(gc + _gc_rows(t_p, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k, other=0.0)
-        kd = (k_p * tl.exp(b_first[None, :] - b_p)).to(k_p.dtype)
-        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], tl.dot(qd, tl.trans(kd), input_precision=PREC), mask=m_row[:, None])
-    for p in range(i_s + 1, NS):
-        tl.store(a + row_s[:, None] * C + p * S + rs[None, :], tl.zeros([S, S], dtype=tl.float32), mask=m_row[:, None])
-    q32 = qq.to(tl.float32)
+    # base-2 exponents (exp2 needs no multiply per element), scaled once per row
+    b_s = tl.load(gc + _gc_rows(t_s, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=m_k, other=0.0) * LOG2E
+    q32 = tl.load(q + row_s[:, None] * K + rk[None, :], mask=m_row[:, None] & m_k, other=0.0).to(tl.float32)
     for j in range(S):
         t_j = c * C + s0 + j
-        # the same gc row as b_s's row j: b_i - b_j is exactly 0 at i = j
-        b_j = tl.load(gc + _gc_rows(t_j, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
+        # the same gc row and the same multiply as b_s's row j: b_i - b_j is exactly 0 at i = j
+        b_j = tl.load(gc + _gc_rows(t_j, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0) * LOG2E
         k_j = tl.load(k + ((i_b * T + t_j) * H + i_h) * K + rk, mask=(rk < K) & (t_j < T), other=0.0).to(tl.float32)
-        gap = tl.where(rs[:, None] >= j, b_s - b_j[None, :], float("-inf"))
-        tl.store(a + row_s * C + s0 + j, tl.sum(q32 * k_j[None, :] * tl.exp(gap), 1), mask=m_row)
+        # unmasked exponents (rows i < j may overflow to inf or nan): those rows are replaced by 0
+        col = tl.sum(q32 * k_j[None, :] * tl.exp2(b_s - b_j[None, :]), 1)
+        tl.store(a + row_s * C + s0 + j, tl.where(rs >= j, col, 0.0), mask=m_row)
 
 
-@triton.autotune(configs=_configs([4, 8], [1]), key=["K", "V", "C", "BK", "BV", "DIAG"])
+@triton.autotune(
+    configs=_tile_configs({"BK": (32, 64), "BV": (64, 128)}, (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"],
+    prune_configs_by={"early_config_prune": _fit_dims},
+)
 @triton.jit
 def out_fwd(
     q, k, v, g, h, a, o, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v. Scalar decay computes the
-    chunk's scores A here; diagonal decay reads them from `scores_diag` (and g is gc)."""
+    """Per (V block, chunk, batch·head): o = (q ⊙ e^b) S_in + A v, K walked in blocks of BK.
+    Scalar decay computes the chunk's scores A here (once per V block); diagonal decay reads them
+    from `scores_inter_diag` and `scores_own_diag` (and g is gc)."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     n = tl.cdiv(T, C)
-    rv, rc, rk = i_v * BV + tl.arange(0, BV), tl.arange(0, C), tl.arange(0, BK)
+    rv, rc = i_v * BV + tl.arange(0, BV), tl.arange(0, C)
     t = c * C + rc
     m_t, m_v = t < T, rv < V
     row = (i_b * T + t) * H + i_h
-    m = m_t[:, None] & (rk[None, :] < K)
-    qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
-    vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    hh = tl.load(h + (i_bh * n + c) * K * V + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
+    hc = h + (i_bh * n + c) * K * V
+    acc = tl.zeros([C, BV], dtype=tl.float32)
     if DIAG:
-        b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
-        acc = tl.dot((qq * tl.exp(b)).to(hh.dtype), hh, input_precision=PREC)
         aa = tl.load(a + row[:, None] * C + rc[None, :], mask=m_t[:, None], other=0.0)
+        gc_t = _gc_rows(t, T, i_b, i_h, H)
     else:
-        kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
         b = tl.cumsum(tl.load(g + row, mask=m_t, other=0.0).to(tl.float32), 0)
-        acc = tl.dot((qq * tl.exp(b)[:, None]).to(hh.dtype), hh, input_precision=PREC)
-        gap = tl.where(rc[:, None] >= rc[None, :], b[:, None] - b[None, :], float("-inf"))
-        aa = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(gap)
+        aa = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        m = m_t[:, None] & (rk[None, :] < K)
+        qq = tl.load(q + row[:, None] * K + rk[None, :], mask=m, other=0.0)
+        hh = tl.load(hc + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & m_v[None, :], other=0.0)
+        if DIAG:
+            bk = tl.load(g + gc_t[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            acc += tl.dot((qq * tl.exp(bk)).to(hh.dtype), hh, input_precision=PREC)
+        else:
+            kk = tl.load(k + row[:, None] * K + rk[None, :], mask=m, other=0.0)
+            acc += tl.dot((qq * tl.exp(b)[:, None]).to(hh.dtype), hh, input_precision=PREC)
+            aa += tl.dot(qq, tl.trans(kk), input_precision=PREC)
+    if not DIAG:
+        aa = aa * tl.exp(tl.where(rc[:, None] >= rc[None, :], b[:, None] - b[None, :], float("-inf")))
+    vv = tl.load(v + row[:, None] * V + rv[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     acc += tl.dot(aa.to(vv.dtype), vv, input_precision=PREC)
     tl.store(o + row[:, None] * V + rv[None, :], acc.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
+@triton.autotune(configs=_tile_configs({"BK": (32, 64), "BV": (32, 64)}, (4, 8), (2, 3)), key=["K", "V", "C", "DIAG"])
 @triton.jit
 def state_bwd(
     q, do, g, dht, dh, dh0, T,
@@ -230,16 +287,16 @@ def state_bwd(
             b = tl.load(g + _gc_rows(t, T, i_b, i_h, H)[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             b_end = tl.load(g + _gc_rows(c * C + C - 1, T, i_b, i_h, H) * K + rk, mask=rk < K, other=0.0)
             qe = (qq * tl.exp(b)).to(qq.dtype)
-            ds = ds * tl.exp(b_end)[:, None] + tl.dot(tl.trans(qe), dd, input_precision=PREC)
+            ds = tl.dot(tl.trans(qe), dd, ds * tl.exp(b_end)[:, None], input_precision=PREC)
         else:
             gg = tl.load(g + row, mask=m_t, other=0.0).to(tl.float32)
             b, b_end = tl.cumsum(gg, 0), tl.sum(gg, 0)
             qe = (qq * tl.exp(b)[:, None]).to(qq.dtype)
-            ds = ds * tl.exp(b_end) + tl.dot(tl.trans(qe), dd, input_precision=PREC)
+            ds = tl.dot(tl.trans(qe), dd, ds * tl.exp(b_end), input_precision=PREC)
     tl.store(dh0 + i_bh * K * V + kv, ds, mask=m_kv)
 
 
-@triton.autotune(configs=_tile_configs(("BV",), (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BK"])
+@triton.autotune(configs=_tile_configs({"BV": (32, 64)}, (4, 8), (1, 2, 3)), key=["K", "V", "C", "BK"])
 @triton.jit
 def dqk_bwd_scalar(
     q, k, v, g, h, do, dh, dq, dk, db, T,
@@ -287,7 +344,7 @@ def dqk_bwd_scalar(
     tl.store(db + (i_k * tl.num_programs(2)).to(tl.int64) * T + row, part, mask=m_t)  # db [NK, B, T, H]
 
 
-@triton.autotune(configs=_tile_configs(("BV",), (32, 64), (4, 8), (1, 2)), key=["V", "C"])
+@triton.autotune(configs=_tile_configs({"BV": (32, 64)}, (4, 8), (1, 2)), key=["V", "C"])
 @triton.jit
 def dscores_diag(
     v, do, da, T,
@@ -312,7 +369,7 @@ def dscores_diag(
     tl.store(da + row[:, None] * C + rc[None, :], tl.where(rc[:, None] >= rc[None, :], acc, 0.0), mask=m_t[:, None])
 
 
-@triton.autotune(configs=_tile_configs(("BK", "BV"), (32, 64), (4, 8), (1, 2)), key=["K", "V", "C", "S"])
+@triton.autotune(configs=_tile_configs({"BK": (32, 64), "BV": (32, 64)}, (4, 8), (1, 2)), key=["K", "V", "C", "S"])
 @triton.jit
 def dqk_bwd_diag(
     q, k, v, gc, h, do, dh, da, dq, dk, db, T,
@@ -322,10 +379,11 @@ def dqk_bwd_diag(
     """Diagonal decay, per (sub-chunk × K block, chunk, batch·head): dq, dk of the sub-chunk's S
     rows in one K block and db = q ⊙ dq - k ⊙ dk (float32; per K column, so K blocks need no
     sum). V is walked in blocks of BV for the state terms do S_inᵀ and v dSᵀ; dA is
-    `dscores_diag`'s. As in `scores_diag`, other sub-chunks go through tensor cores, one [S, S]
-    block of dA at a time (the earlier sub-chunks for dq, the later ones for dk), with the decay
-    split at this sub-chunk's first row (dq) or last row (dk), and the own [S, S] block is exact,
-    one row at a time, its dA column and row loaded for that row."""
+    `dscores_diag`'s. As for A (`scores_inter_diag`, `scores_own_diag`), other sub-chunks go
+    through tensor cores, one [S, S] block of dA at a time (the earlier sub-chunks for dq, the
+    later ones for dk), with the decay split at this sub-chunk's first row (dq) or last row (dk),
+    and the own [S, S] block is exact, one row at a time, its dA column and row loaded for that
+    row."""
     NS: tl.constexpr = C // S
     i_s, i_k = tl.program_id(0) % NS, tl.program_id(0) // NS
     c, i_bh = tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -396,7 +454,7 @@ def dqk_bwd_diag(
     tl.store(db + row_s[:, None] * K + rk[None, :], qq.to(tl.float32) * dqs - kk.to(tl.float32) * dks, mask=m_s)
 
 
-@triton.autotune(configs=_tile_configs(("BK",), (32, 64), (4, 8), (1, 2, 3)), key=["K", "V", "C", "BV", "DIAG"])
+@triton.autotune(configs=_tile_configs({"BK": (32, 64)}, (4, 8), (1, 2, 3)), key=["K", "V", "C", "BV", "DIAG"])
 @triton.jit
 def dv_bwd(
     q, k, g, a, dh, do, dv, T,

@@ -4,7 +4,7 @@ Same contract as `reference.chunk_affine_ref`. The chunk the kernels use is an i
 detail: every chunk size computes the same function (only rounding differs), so the kernels pick
 what their tiles need. Scalar decay runs with the requested chunk size when it is a power of two
 in [16, 128] and with the nearest one otherwise; diagonal decay always runs with C = 64 in
-sub-chunks of 16 (see `triton_kernels.scores_diag`).
+sub-chunks of 16 (see the `triton_kernels` module docstring).
 
 Diagonal decay: every kernel loads the chunk-local cumulative log decay gc ([B, T, H, K],
 float32) that `triton_kernels.chunk_cumsum` writes once in the forward; the forward keeps gc for
@@ -92,15 +92,17 @@ class _ChunkAffine(torch.autograd.Function):
         a = None
         if m["DIAG"]:
             a = q.new_empty(m["B"], m["T"], m["H"], m["C"], dtype=torch.float32)
-            kern.scores_diag[(m["C"] // DIAG_SUB, m["N"], m["B"] * m["H"])](
-                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, KP=_pow2(m["K"]), PREC=m["PREC"],
+            ns = m["C"] // DIAG_SUB
+            kern.scores_inter_diag[(ns * ns, m["N"], m["B"] * m["H"])](
+                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
+            )
+            kern.scores_own_diag[(ns, m["N"], m["B"] * m["H"])](
+                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, KP=_pow2(m["K"]),
             )
         o = torch.empty_like(v)
-        # scalar decay computes its scores in out_fwd, so one V block; diagonal decay reads them
-        BV = min(64, _pow2(m["V"])) if m["DIAG"] else _pow2(m["V"])
-        kern.out_fwd[(triton.cdiv(m["V"], BV), m["N"], m["B"] * m["H"])](
+        kern.out_fwd[lambda meta: (triton.cdiv(m["V"], meta["BV"]), m["N"], m["B"] * m["H"])](
             q, k, v, b, h, q if a is None else a, o, m["T"],
-            H=m["H"], K=m["K"], V=m["V"], C=m["C"], BK=_pow2(m["K"]), BV=BV, DIAG=m["DIAG"], PREC=m["PREC"],
+            H=m["H"], K=m["K"], V=m["V"], C=m["C"], DIAG=m["DIAG"], PREC=m["PREC"],
         )
         ctx.save_for_backward(q, k, v, b, h0, h, ht, a)
         ctx.chunk_size, ctx.g_dtype = chunk_size, g.dtype
