@@ -135,6 +135,28 @@ def test_profile_scan_needs_a_gpu():
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
 
 
+def test_autotune_rows_rank_each_kernels_configs(capsys, monkeypatch):
+    """The autotuning table of profile_scan.py --tunings: per kernel, fastest first, from the
+    autotuner's timings (a list of quantiles or one number); kernels that did not tune are left out."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(TOOLS))
+    from cuda_profile import autotune_rows, print_autotune_table
+
+    module = SimpleNamespace(
+        out_fwd=SimpleNamespace(configs_timings={"BV: 64": [0.9, 0.8, 1.0], "BV: 128": [0.5, 0.4, 0.6]}),
+        state_fwd=SimpleNamespace(configs_timings={"BK: 32": 0.25}),
+        untuned=SimpleNamespace(configs_timings={}),
+        helper=len,
+    )
+    rows = autotune_rows(module)
+    assert [(r["kernel"], r["config"], r["ms"]) for r in rows] == [
+        ("out_fwd", "BV: 128", 0.5), ("out_fwd", "BV: 64", 0.9), ("state_fwd", "BK: 32", 0.25)]
+    print_autotune_table(rows, top=1)
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:] == ["| out_fwd | 2 | 1 | BV: 128 | 500 |", "| state_fwd | 1 | 1 | BK: 32 | 250 |"]
+
+
 def test_shipped_plans_name_valid_runs():
     """Every run of every plan in configs/results/ loads, and the plan's and its own overrides take."""
     import yaml
