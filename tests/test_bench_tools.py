@@ -157,6 +157,22 @@ def test_autotune_rows_rank_each_kernels_configs(capsys, monkeypatch):
     assert table[2:] == ["| out_fwd | 2 | 1 | BV: 128 | 500 |", "| state_fwd | 1 | 1 | BK: 32 | 250 |"]
 
 
+def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
+    """tools/kernel_resources.py: registers, spills and load widths of the scan kernels, compiled
+    for sm_90 with Triton's own ptxas and cuobjdump on this CPU machine."""
+    out = tmp_path / "resources.json"
+    done = run_tool("kernel_resources.py", "--decay", "diagonal", "--dim", "64", "--kernels", "state_fwd", "out_fwd",
+                    "--max-configs", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["state_fwd", "state_fwd", "out_fwd", "out_fwd"]
+    assert all(0 < r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["ex2"] > 0 for r in rows)
+    assert all(sum(r["loads"].values()) > 0 and set(r["loads"]) <= {"16B", "8B", "4B", "2B"} for r in rows)
+    assert "| out_fwd | BK 32 BV 64 4 warps 2 stages |" in done.stdout
+    bad = subprocess.run([sys.executable, str(TOOLS / "kernel_resources.py"), "--decay", "scalar", "--kernels", "dqk_bwd_diag"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not scalar-decay kernels" in bad.stderr
+
+
 def test_shipped_plans_name_valid_runs():
     """Every run of every plan in configs/results/ loads, and the plan's and its own overrides take."""
     import yaml
