@@ -72,7 +72,8 @@ def configs(name: str, consts: dict) -> list[tuple[dict, int, int]]:
 
 def load_widths(ptx: str) -> dict[str, int]:
     """Global loads by width in bytes ('16B': n, ...): cp.async copies and ld.global instructions."""
-    widths = collections.Counter(f"{int(n, 16)}B" for n in re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", ptx))
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", ptx)
+    widths = collections.Counter(f"{int(n, 16)}B" for n in copies)
     for vec, bits in re.findall(r"ld\.global(?:\.[\w:]+?)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
         widths[f"{int(vec or 1) * int(bits) // 8}B"] += 1
     return dict(sorted(widths.items(), key=lambda kv: -int(kv[0][:-1])))

@@ -61,8 +61,10 @@ def evaluate(
         positions = torch.arange(seq_len)
         if split:
             positions = slice_positions(seq_len, sp.rank, sp.size, model.sequence_layout)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, scored, group correct
-        per_position = torch.zeros(3, seq_len, dtype=torch.long)  # correct, scored, group correct
+        # summed on the device and copied once per length (the labels' boolean index syncs anyway)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, scored, group correct
+        # per position this rank holds: correct, scored, group correct
+        local = torch.zeros(3, len(positions), dtype=torch.long, device=device)
         # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each);
         # a rank left without a batch of its own repeats the last one without counting it.
         for first in range(0, len(batches), dp):
@@ -81,11 +83,13 @@ def evaluate(
             group_hits = hits if groups is None else groups[predicted] == groups[labels]
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(scores, labels, reduction="sum")
-            sums += torch.tensor([float(loss), int(hits.sum()), len(labels), int(group_hits.sum())], dtype=torch.float64)
-            columns = positions[mask.nonzero()[:, 1].cpu()]
-            per_position[0].index_add_(0, columns, hits.long().cpu())
-            per_position[1].index_add_(0, columns, torch.ones_like(columns))
-            per_position[2].index_add_(0, columns, group_hits.long().cpu())
+            sums += torch.stack([x.double() for x in (loss, hits.sum(), mask.sum(), group_hits.sum())])
+            for row, flags in ((0, hits), (2, group_hits)):  # back to [batch, position], zeros where not scored
+                local[row] += torch.zeros_like(targets).masked_scatter_(mask, flags.long()).sum(0)
+            local[1] += mask.sum(0)
+        sums = sums.cpu()
+        per_position = torch.zeros(3, seq_len, dtype=torch.long)
+        per_position[:, positions] = local.cpu()
         if layout is not None and layout.world_size > 1:
             backend_device = device if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu")
             for t in (sums, per_position):
