@@ -27,17 +27,18 @@ Kernels:
 
 Decay inside a chunk is always exp(b_i - b_j) with i ≥ j, masked to -inf before the exp, so
 nothing overflows however strong the decay (the reference's rule); `scores_own_diag` alone masks
-after the exp, per stored column, so an overflow above the diagonal never reaches A. Scalar decay takes the decay
-from a token to its chunk's end as a reverse cumulative sum, not b_C - b_j, whose rounding grows
-with |b|, and makes the in-chunk decay a [C, C] matrix next to a tensor-core q kᵀ. Diagonal decay
-makes it [C, C, K], which is never built: the chunk (64) is walked in sub-chunks of 16; between
-sub-chunks the decay is split at a sub-chunk edge into two factors ≤ 1 that scale q and k before
-a tensor-core product (fla's layout), and only each sub-chunk's own [16, 16] block is exact, one
-row at a time. Every decay between two tokens is e^{gc_i - gc_j} of loaded values, so at i = j
-its exponent is exactly 0: both terms are the same float32 number. With log decays of -20 per token that
-diagonal term dominates, and a b_i summed in another order than b_j (tl.cumsum adds in tree
-order on a GPU) would err by |b|·2⁻²⁴ there. Off the diagonal, the rounding of gc
-(|gc|·2⁻²⁴, |gc| ≤ 64·max|g|) is scaled by the decay between the two tokens.
+after the exp, per stored column, so an overflow above the diagonal never reaches A. Scalar
+decay takes the decay from a token to its chunk's end as a reverse cumulative sum, not
+b_C - b_j, whose rounding grows with |b|, and makes the in-chunk decay a [C, C] matrix next to
+a tensor-core q kᵀ. Diagonal decay makes it [C, C, K], which is never built: the chunk (64) is
+walked in sub-chunks of 16; between sub-chunks the decay is split at a sub-chunk edge into two
+factors ≤ 1 that scale q and k before a tensor-core product (fla's layout), and only each
+sub-chunk's own [16, 16] block is exact, one row at a time. Every decay between two tokens is
+e^{gc_i - gc_j} of loaded values, so at i = j its exponent is exactly 0: both terms are the same
+float32 number. With log decays of -20 per token that diagonal term dominates, and a b_i summed
+in another order than b_j (tl.cumsum adds in tree order on a GPU) would err by |b|·2⁻²⁴ there.
+Off the diagonal, the rounding of gc (|gc|·2⁻²⁴, |gc| ≤ 64·max|g|) is scaled by the decay
+between the two tokens.
 """
 
 from __future__ import annotations
@@ -138,7 +139,6 @@ def state_fwd(
     tl.store(ht + i_bh * K * V + kv, s, mask=m_kv)
 
 
-# no 1-warp configs: they spill at BK 64 (ptxas, sm_90, D 128)
 @triton.autotune(configs=_tile_configs({"BK": (32, 64)}, (2, 4), (2, 3)), key=["K", "C", "S"])
 @triton.jit
 def scores_inter_diag(
