@@ -145,7 +145,6 @@ def test_decay_grad_column_blocks(monkeypatch):
     assert (widths(1), widths(6), widths(24), widths(128)) == ([1], [8], [16, 32], [16, 32, 64])
 
 
-
 def test_tile_blocks_fit_head_dims(monkeypatch):
     """The K/V tile candidates of the GPU autotuning: none wider than the head dim's power of two,
     V read from the positional arguments or the keywords."""
@@ -160,6 +159,7 @@ def test_tile_blocks_fit_head_dims(monkeypatch):
     assert blocks({}, K=128, V=128) == [(a, b) for a in (32, 64, 128) for b in (32, 64, 128)]
     assert blocks({"V": 48}, K=64) == [(32, 32), (32, 64), (64, 32), (64, 64)]
     assert blocks({}, K=16, V=200) == [(32, a) for a in (32, 64, 128)]  # BK: none fits, the narrowest
+
 
 def test_dispatch():
     q = torch.zeros(1, 4, 1, 16)
