@@ -7,7 +7,9 @@ Each kernel is compiled as a launch would compile it (bf16 tensors unless --dtyp
 pointers and T divisible by 16) for every config in its autotuning list that its pruner keeps,
 or --max-configs of them. Registers and spills come from cuobjdump, the loads from the PTX: a
 tile load that is not 16 bytes wide is usually a sign that the compiler could not vectorize it
-(docs/benchmarks.md, eighth pass, found the state passes' 4-byte copies this way).
+(docs/benchmarks.md, eighth pass, found the state passes' 4-byte copies this way). Load and ex2
+counts are instructions in the PTX, per thread: a loop's body counts once, and a pipelined load
+once more in the loop's prologue.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from psm_train.kernels.chunk_affine import triton_kernels as kern  # noqa: E402
+from psm_train.kernels.chunk_affine.triton_op import kernel_chunk  # noqa: E402
 
 KERNELS = {
     "diagonal": ["chunk_cumsum", "state_fwd", "scores_inter_diag", "scores_own_diag", "out_fwd", "state_bwd",
@@ -53,7 +56,7 @@ def constexprs(decay: str, dim: int, chunk: int, dtype: str) -> dict:
     diag = decay == "diagonal"
     p2 = max(16, triton.next_power_of_2(dim))
     return dict(
-        H=16, K=dim, V=dim, C=64 if diag else chunk, S=16, KP=p2, BK=min(64, p2), BV=min(64, p2), DIAG=diag,
+        H=16, K=dim, V=dim, C=kernel_chunk(chunk, diag), S=16, KP=p2, BK=min(64, p2), BV=min(64, p2), DIAG=diag,
         PREC="ieee" if dtype == "float32" else "tf32", USE_H0=False, USE_DHT=False,
         NK=1 if diag else triton.cdiv(dim, min(64, p2)), W=dim if diag else 1,
     )
@@ -107,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decay", choices=list(KERNELS), default="diagonal")
     ap.add_argument("--dim", type=int, default=128, help="head dim K = V")
-    ap.add_argument("--chunk", type=int, default=64, help="scalar decay's chunk (diagonal decay runs at 64)")
+    ap.add_argument("--chunk", type=int, default=64, help="the requested chunk size (the kernels run at triton_op.kernel_chunk's)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability times 10 (90: Hopper)")
     ap.add_argument("--kernels", nargs="+", help="default: every kernel of this decay form")
@@ -125,7 +128,7 @@ def main() -> None:
     base = constexprs(args.decay, args.dim, args.chunk, args.dtype)
     workdir = tempfile.mkdtemp(prefix="kernel_resources_")
     rows = []
-    print(f"{args.decay} decay, D {args.dim}, {args.dtype}, sm_{args.arch}")
+    print(f"{args.decay} decay, D {args.dim}, chunk {base['C']}, {args.dtype}, sm_{args.arch}")
     print("| kernel | config | registers | spill bytes | global loads by width | ex2 |\n|---|---|---|---|---|---|")
     for name in names:
         for blocks, warps, stages in configs(name, base)[: args.max_configs]:
