@@ -33,7 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from psm_train.kernels.chunk_affine import triton_kernels as kern  # noqa: E402
-from psm_train.kernels.chunk_affine.triton_op import kernel_chunk  # noqa: E402
+from psm_train.kernels.chunk_affine.triton_op import DIAG_SUB, host_block, kernel_chunk  # noqa: E402
 
 KERNELS = {
     "diagonal": ["chunk_cumsum", "state_fwd", "scores_inter_diag", "scores_own_diag", "out_fwd", "state_bwd",
@@ -54,11 +54,11 @@ def _jit(kernel) -> JITFunction:
 def constexprs(decay: str, dim: int, chunk: int, dtype: str) -> dict:
     """The constexpr arguments a launch passes (triton_op.py), before the config's blocks."""
     diag = decay == "diagonal"
-    p2 = max(16, triton.next_power_of_2(dim))
+    block = host_block(dim)
     return dict(
-        H=16, K=dim, V=dim, C=kernel_chunk(chunk, diag), S=16, KP=p2, BK=min(64, p2), BV=min(64, p2), DIAG=diag,
-        PREC="ieee" if dtype == "float32" else "tf32", USE_H0=False, USE_DHT=False,
-        NK=1 if diag else triton.cdiv(dim, min(64, p2)), W=dim if diag else 1,
+        H=16, K=dim, V=dim, C=kernel_chunk(chunk, diag), S=DIAG_SUB, KP=max(16, triton.next_power_of_2(dim)),
+        BK=block, BV=block, DIAG=diag, PREC="ieee" if dtype == "float32" else "tf32", USE_H0=False, USE_DHT=False,
+        NK=1 if diag else triton.cdiv(dim, block), W=dim if diag else 1,
     )
 
 

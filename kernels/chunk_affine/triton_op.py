@@ -37,6 +37,11 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def host_block(dim: int) -> int:
+    """The K or V block of the launches that choose it here rather than by autotuning."""
+    return min(64, _pow2(dim))
+
+
 def kernel_chunk(chunk_size: int, diagonal: bool) -> int:
     """Chunk length the kernels run with for a requested chunk size (see the module docstring)."""
     if diagonal:
@@ -57,7 +62,7 @@ def _meta(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk_size: int) ->
 
 def _chunk_cumsum(g, m):
     """Diagonal decay: gc, the cumulative log decay from each chunk's start ([B, T, H, K], float32)."""
-    BK = min(64, _pow2(m["K"]))
+    BK = host_block(m["K"])
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     kern.chunk_cumsum[(triton.cdiv(m["K"], BK), m["N"], m["B"] * m["H"])](
         g, gc, m["T"], H=m["H"], K=m["K"], C=m["C"], BK=BK,
@@ -122,7 +127,7 @@ class _ChunkAffine(torch.autograd.Function):
             q, do, b, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
             H=H, K=K, V=V, C=m["C"], DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
         )
-        BK, BV = min(64, _pow2(K)), min(64, _pow2(V))
+        BK, BV = host_block(K), host_block(V)
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
