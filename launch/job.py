@@ -9,10 +9,16 @@ and wandb continues the run whose id is stored there. Each requeue is recorded i
 
 Leaving by ``SystemExit`` is deliberate: submitit then writes no result file, so the job counts as
 unfinished until the requeued run completes.
+
+A task whose outcome is settled (submitit stored its success, or it requeued or stopped on purpose)
+leaves without interpreter finalization: torch's gloo and autograd threads can race the GIL teardown and
+abort the process ("terminate called without an active exception", pytorch#190489), and srun then ends
+the whole job as failed, its other tasks killed, perhaps before rank 0 has requeued it.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import signal
@@ -50,6 +56,9 @@ def run_task(fn: Callable[[], Any], run_dir: Path, retries: int, max_requeues: i
     import submitit
 
     env = submitit.JobEnvironment()
+    leave = _SettledExit(env.paths.result_pickle)
+    # Registered before torch and wandb register theirs, so it runs after them (atexit is last in, first out).
+    atexit.register(leave)
     preemption.install()
     if env.cluster == "local":
         _export_torchrun_env(env, master_port)
@@ -71,7 +80,7 @@ def run_task(fn: Callable[[], Any], run_dir: Path, retries: int, max_requeues: i
             if refused:  # perhaps another failing rank requeued it first; the job ends either way
                 print(refused, file=sys.stderr, flush=True)
                 raise
-            raise SystemExit(1) from e
+            raise leave.with_status(1) from e
         why = "not retried: a usage error" if isinstance(e, SystemExit) else f"retries used: {used}/{retries}"
         registry.append(run_dir, "failed", job_id=job_id, restart=restart, rank=rank, reason=f"{error} ({why})")
         if isinstance(e, SystemExit):  # as an exception, submitit records it as the job's error
@@ -89,7 +98,7 @@ def run_task(fn: Callable[[], Any], run_dir: Path, retries: int, max_requeues: i
         # SIGTERM: SLURM is ending the job (scancel, or a preemption it requeues itself).
         if rank == 0:
             registry.append(run_dir, "stopped", job_id=job_id, restart=restart, reason=f"checkpointed after {where}")
-        raise SystemExit(143 if sig is signal.SIGTERM else 1)
+        raise leave.with_status(143 if sig is signal.SIGTERM else 1)
     if rank == 0:
         used = registry.requeues(run_dir, job_id, "preempted")
         if used >= max_requeues:
@@ -103,7 +112,35 @@ def run_task(fn: Callable[[], Any], run_dir: Path, retries: int, max_requeues: i
             raise RuntimeError(refused)
         registry.append(run_dir, "requeued", job_id=job_id, restart=restart, kind="preempted", rank=rank,
                         reason=f"checkpointed after {where}; requeue {used + 1}/{max_requeues}")
-    raise SystemExit(0)
+    raise leave.with_status(0)
+
+
+class _SettledExit:
+    """atexit hook: the process's exit without finalization, once its status is settled."""
+
+    def __init__(self, result_pickle: Path):
+        self.result_pickle = result_pickle
+        self.status: int | None = None
+
+    def with_status(self, status: int) -> SystemExit:
+        self.status = status
+        return SystemExit(status)
+
+    def __call__(self) -> None:
+        status = self.status if self.status is not None else self._stored_success()
+        if status is None:  # an exception: its exit status stands, whatever finalization does
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    def _stored_success(self) -> int | None:
+        from submitit.core.utils import pickle_load
+
+        try:
+            return 0 if pickle_load(self.result_pickle)[0] == "success" else None
+        except (OSError, EOFError):
+            return None
 
 
 def _requeue(job_id: str) -> str | None:

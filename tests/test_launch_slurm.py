@@ -136,9 +136,16 @@ def test_sweep_is_one_job_array_and_resubmission_skips_finished_members(tmp_path
     assert listing.count("COMPLETED") == 3 and listing.count("12/12") == 3
 
 
+class AbortOnTeardown:
+    def __del__(self):
+        os.abort()
+
+
 class CountingJob:
     """A stand-in trainer for the requeue machinery: 2 ranks (gloo) advance a step counter kept in
-    the run directory (its "checkpoint", written every step) and stop when should_stop() agrees."""
+    the run directory (its "checkpoint", written every step) and stop when should_stop() agrees.
+    Every task would then abort in interpreter finalization, as one whose gloo threads race the GIL
+    teardown can (pytorch#190489: it failed a CI run's finished 2-task job); run_task must leave first."""
 
     def __init__(self, run_dir: Path, steps: int):
         self.run_dir, self.steps = run_dir, steps
@@ -158,6 +165,7 @@ class CountingJob:
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         port = 20000 + (int(env.job_id) * 10 + restart) % 20000
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=env.global_rank, world_size=env.num_tasks)
+        sys.modules["__main__"].abort_on_teardown = AbortOnTeardown()  # deleted only in finalization
         (self.run_dir / f"pid{env.global_rank}").write_text(str(os.getpid()))
         ckpt = self.run_dir / "step"
         step = int(ckpt.read_text()) if ckpt.exists() else 0
@@ -264,7 +272,8 @@ def test_two_task_training_preempted_and_requeued_matches_uninterrupted_run(tmp_
     run_dir = tmp_path / "preempted"  # queued behind "straight": both need the node's 2 CPUs
     _wait_file(run_dir / "metrics.jsonl", lambda s: len(s.splitlines()) >= 3, timeout=120)
     subprocess.run(["scancel", "--signal=USR2", ids["preempted"]], check=True)
-    assert wait_for(list(ids.values()), timeout=180) == {i: "COMPLETED" for i in ids.values()}
+    states = wait_for(list(ids.values()), timeout=180)
+    assert states == {i: "COMPLETED" for i in ids.values()}, "\n".join(report(tmp_path / name) for name in ids)
 
     requeued = [e for e in registry.read(run_dir) if e["event"] == "requeued"]
     assert len(requeued) == 1 and requeued[0]["kind"] == "preempted"
