@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from psm_train.launch import preemption, registry
+from psm_train.launch import registry
+from psm_train.train import preemption
 
 
 @dataclass

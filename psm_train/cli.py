@@ -24,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                 "-m", "psm_train", "train", args.config, *(a for o in overrides for a in ("--set", o))]
         os.execv(sys.executable, argv)
-    from psm_train.launch import preemption
+    from psm_train.train import preemption
     from psm_train.train.loop import train
 
     # SIGTERM (timeout, kill, torchrun passing its own on) or SIGUSR2: checkpoint at the next logged step and exit 143.

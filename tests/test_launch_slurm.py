@@ -159,7 +159,7 @@ class CountingJob:
         import torch.distributed as dist
         import submitit
 
-        from psm_train.launch.preemption import should_stop
+        from psm_train.train.preemption import should_stop
 
         env = submitit.JobEnvironment()
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from psm_train.config import ConfigError
-from psm_train.launch import preemption, registry
+from psm_train.launch import registry
+from psm_train.train import preemption
 from psm_train.launch.submit import Resources, SubmissionError, sbatch_script, time_minutes
 from psm_train.launch.sweep import load_sweep, member_values, slug
 
@@ -118,7 +119,7 @@ def test_should_stop_agrees_across_ranks():
 
 
 def test_sigterm_sets_the_flag_without_requeue_priority():
-    code = ("import os, signal; from psm_train.launch import preemption as p; p.install();"
+    code = ("import os, signal; from psm_train.train import preemption as p; p.install();"
             "os.kill(os.getpid(), signal.SIGTERM); assert p.should_stop(); print(p.stop_signal().name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "SIGTERM", out.stderr

@@ -30,7 +30,7 @@ from psm_train.data.synthetic import IGNORE_INDEX
 from psm_train.distributed.env import init_distributed
 from psm_train.distributed.layout import ParallelLayout
 from psm_train.distributed.sequence import shard_sequence
-from psm_train.launch.preemption import should_stop
+from psm_train.train.preemption import should_stop
 from psm_train.models import build_model
 from psm_train.models.affine_lm import AffineBlock
 from psm_train.models.layers import Block, compile_blocks
