@@ -1,14 +1,13 @@
 """Scaled dot-product attention behind one backend selector.
 
-Chosen by a measured table (`tools/bench_attention.py`, H200, torch 2.11, bf16, fwd+bwd; the
-numbers are in docs/benchmarks.md): causal B 8, H 16, D 128, SDPA's cuDNN kernel 445 / 528 TFLOP/s
-at L = 2048 / 8192, its flash kernel 234 / 308; the batched bidirectional Agg calls (2c = 128, 256
-tokens, D 64) cuDNN 142 / 228, flash 85 / 140. flash-attn 2 (not installable on the image) is
-published near the SDPA flash kernel's rates on Hopper. So on GPU, fp16/bf16 attention without
-a window goes to SDPA with cuDNN first (then flash, memory-efficient, math: SDPA takes the first
-that accepts the inputs), for causal calls (transformer, Inf) and bidirectional ones (the
-2c-token Agg calls) alike. A sliding window needs an explicit mask in SDPA, so windows go to flash-attn when it is
-installed. On CPU SDPA runs its math path.
+The order is chosen by measurement (`tools/bench_attention.py`; the current table is in
+docs/benchmarks.md), for causal calls (transformer, Inf) and the batched bidirectional 2c-token
+Agg calls alike: on GPU, SDPA's cuDNN kernel was the fastest at every shape measured, ahead of its
+flash kernel, and flash-attn 2 (not installable on the GPU image) is published near SDPA's flash
+kernel on Hopper. So fp16/bf16 attention without a window goes to SDPA with cuDNN first (then
+flash, memory-efficient, math: SDPA takes the first that accepts the inputs). A sliding window
+needs an explicit mask in SDPA, so windows go to flash-attn when it is installed. On CPU SDPA runs
+its math path.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ def attention_backend(q: torch.Tensor, window: int | None = None) -> str:
 
 
 # Decoding with a KV cache (fewer queries than keys) changes the key length at every step. SDPA's
-# cuDNN kernel builds an execution plan per new shape, which took about 5 ms per call on an H200
-# (tools/bench_generation.py: a 12-block transformer spent 65-90 ms per token at any context
-# length), so those calls try flash first.
+# cuDNN kernel builds an execution plan per new shape, which made per-token decoding slow at every
+# context length (tools/bench_generation.py), so those calls try flash first.
 SDPA_DECODE_PRIORITY = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,

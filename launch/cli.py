@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 
 from psm_train.launch.submit import EXECUTORS, Resources, SubmissionError
@@ -68,8 +67,8 @@ def _wait_local(jobs_by_dir: dict[Path, object]) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> None:
     from psm_train.config import load_config
-    from psm_train.launch.job import TrainJob
     from psm_train.launch.jobs import active_jobs
+    from psm_train.launch.task import TrainJob
     from psm_train.launch.submit import free_port, sbatch_script, submit_one
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
@@ -114,33 +113,9 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     print(report(path, args.tail))
 
 
-def _misplaced(args: argparse.Namespace, scaling: dict[str, list[argparse.Action]], action: str) -> str:
-    """The first option given that the chosen sweep action does not take ('' when none)."""
-    for other, actions in scaling.items():
-        for a in actions:
-            if other != action and getattr(args, a.dest) is not None:
-                return f"{a.option_strings[0]} belongs to `psm-train sweep {other}`"
-    if action in scaling:
-        given = [f.name for f in dataclasses.fields(Resources) if getattr(args, f.name, None) is not None]
-        if given or args.dry_run:
-            return f"--{(given or ['dry_run'])[0].replace('_', '-')} applies to submitting a sweep, not to {action}"
-    return ""
-
-
-def cmd_sweep(args: argparse.Namespace, scaling: dict[str, list[argparse.Action]]) -> None:
-    action = args.sweep if args.sweep in scaling else "submit"
-    wrong = _misplaced(args, scaling, action)
-    if action != "submit" and args.path is None:
-        wrong = f"`psm-train sweep {action}` needs a {'CSV file' if action == 'fit' else 'sweep file'}"
-    elif action == "submit" and args.path is not None:
-        wrong = f"unexpected {args.path!r}: submitting takes one sweep file (or: collect SWEEP.yaml, fit RESULTS.csv)"
-    if wrong:
-        raise SystemExit(f"error: {wrong}")
-    {"collect": cmd_sweep_collect, "fit": cmd_sweep_fit, "submit": cmd_sweep_submit}[action](args)
-
-
 def cmd_sweep_collect(args: argparse.Namespace) -> None:
-    from psm_train.launch.scaling import ScalingError, collect, write_csv
+    from psm_train.analysis.scaling import ScalingError, write_csv
+    from psm_train.launch.collect import collect
 
     try:
         got = collect(args.path, args.metric)
@@ -159,7 +134,7 @@ def cmd_sweep_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_fit(args: argparse.Namespace) -> None:
-    from psm_train.launch.scaling import ScalingError, fit_csv
+    from psm_train.analysis.scaling import ScalingError, fit_csv
 
     try:
         fit_csv(args.path, args.out_dir or Path(args.path).parent,
@@ -169,72 +144,84 @@ def cmd_sweep_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> None:
-    from psm_train.launch.job import TrainJob
-    from psm_train.launch.submit import free_port, sbatch_script, submit_array, submit_one
+    from psm_train.launch.branch import start_branch
+    from psm_train.launch.submit import sbatch_script, submit_array
     from psm_train.launch.sweep import load_sweep, member_status
+    from psm_train.launch.task import TrainJob
 
     sweep = load_sweep(args.sweep)  # every member's config is validated here
+    local = args.executor == "local"
+    given = [a for a in LOCAL_OPTIONS if getattr(args, a) is not None]
+    if given and not local:
+        raise SystemExit(f"error: --{given[0].replace('_', '-')} applies to --executor local")
     try:
         res = _resources(args, sweep.resources)
     except SubmissionError as e:
         raise SystemExit(f"error: {e}") from None
-    status = member_status(sweep.members)
-    todo = [m for m in sweep.members if status[m.slug] in ("new", "resume")]
+    status = member_status(sweep)
+    todo = [m for m in sweep.members if status[m.slug] in ("new", "resume") or (local and status[m.slug] == "waiting")]
     print(f"sweep {sweep.name}: {len(sweep.members)} members in {sweep.out_dir}")
     for m in sweep.members:
         print(f"  {m.slug}: {status[m.slug]}" + (" -> submit" if m in todo else " -> skip"))
     if not todo:
         print("nothing to submit")
         return
-    if args.dry_run:
-        if args.executor == "slurm":
-            print(sbatch_script(res, f"psm-sweep-{sweep.name}", sweep.out_dir / "logs", array_size=len(todo)))
+    if local:
+        _sweep_local(args, sweep, todo)
         return
-    local = args.executor == "local"
-    fns = [TrainJob(m.cfg.to_dict(), args.retries, args.max_requeues, free_port() if local else 0) for m in todo]
+    if args.dry_run:
+        print(sbatch_script(res, f"psm-sweep-{sweep.name}", sweep.out_dir / "logs", array_size=len(todo)))
+        return
+    for m in todo:
+        start_branch(sweep, m)  # a branch's run directory starts with its stable run's checkpoint
+    fns = [TrainJob(m.cfg.to_dict(), args.retries, args.max_requeues, 0) for m in todo]
     dirs = [Path(m.cfg.run_dir) for m in todo]
     try:
-        if not local:
-            jobs = submit_array(fns, dirs, sweep.out_dir / "logs", "slurm", res, f"psm-sweep-{sweep.name}")
-            print(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} members, "
-                  f"at most {res.array_parallelism} at once)")
-            for m, job in zip(todo, jobs):
-                print(f"  {m.slug}: job {job.job_id}")
-            print(f"status: psm-train jobs {sweep.out_dir}")
-            return
-        # local: at most array_parallelism members at once, waited for
-        running: dict[Path, object] = {}
-        for fn, run_dir, m in zip(fns, dirs, todo):
-            while sum(not j.done() for j in running.values()) >= res.array_parallelism:
-                time.sleep(1)
-            running[run_dir] = submit_one(fn, run_dir, "local", res, f"psm-{m.slug}")
-            print(f"  {m.slug}: local job {running[run_dir].job_id}")
+        jobs = submit_array(fns, dirs, sweep.out_dir / "logs", "slurm", res, f"psm-sweep-{sweep.name}")
     except SubmissionError as e:
         raise SystemExit(f"error: {e}") from None
-    _wait_local(running)
-    print(f"sweep {sweep.name}: {len(running)} member(s) finished")
+    print(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} members, "
+          f"at most {res.array_parallelism} at once)")
+    for m, job in zip(todo, jobs):
+        print(f"  {m.slug}: job {job.job_id}")
+    if any(v == "waiting" for v in status.values()):
+        print("branches marked waiting start once their stable run has saved the branch point: "
+              "submit the sweep again then")
+    print(f"status: psm-train jobs {sweep.out_dir}")
 
 
-SWEEP_USAGE = """psm-train sweep SWEEP.yaml [resources]   submit the members not finished, queued or running
-       psm-train sweep collect SWEEP.yaml [--out CSV] [--metric KEY]
-       psm-train sweep fit RESULTS.csv [--out-dir DIR] [--bootstrap N] [--seed S]"""
+LOCAL_OPTIONS = ("max_parallel", "per_gpu", "gpus_per_member", "budget", "refresh")
 
 
-def _add_scaling(p: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
-    """collect's and fit's options; defaults are None so that misplaced ones can be told apart."""
-    g = p.add_argument_group("collect: final metrics of the finished members into a CSV (psm_train/launch/scaling.py)")
-    collect = [
-        g.add_argument("--out", help="the CSV (default <sweep out_dir>/scaling.csv)"),
-        g.add_argument("--metric", help="the loss to fit, a key of summary.json's eval or train_loss "
-                                        "(default: the eval loss at the shortest length every member has)"),
-    ]
-    g = p.add_argument_group("fit: L(N, D) = E + A/N^alpha + B/D^beta per model family, frontier, plots")
-    fit = [
-        g.add_argument("--out-dir", help="fit.json and the PNG plots (default: the CSV's directory)"),
-        g.add_argument("--bootstrap", type=int, help="resamples for the uncertainty (default 200; 0: none)"),
-        g.add_argument("--seed", type=int, help="the bootstrap's seed (default 0)"),
-    ]
-    return {"collect": collect, "fit": fit}
+def _sweep_local(args: argparse.Namespace, sweep, todo) -> None:
+    from psm_train.launch.local import Packer, run_local, summary_lines, visible_gpus
+
+    given = {k: getattr(args, k) for k in ("max_parallel", "per_gpu", "gpus_per_member") if getattr(args, k) is not None}
+    opts = dataclasses.replace(sweep.local, **given)
+    try:
+        opts.validate()
+        packer = Packer(visible_gpus(), opts)
+        if args.dry_run:
+            print(f"would run {len(todo)} member(s) here: {packer.where()}")
+            return
+        print(f"running {len(todo)} member(s) here: {packer.where()}" +
+              (f"; budget {args.budget:g} s" if args.budget else ""), flush=True)
+        runs = run_local(sweep, todo, opts, budget_s=args.budget or 0, refresh_s=args.refresh or 5)
+    except SubmissionError as e:
+        raise SystemExit(f"error: {e}") from None
+    for line in summary_lines(runs):
+        print(line)
+    failed = [r for r in runs if r.state == "failed"]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} member(s) failed (`psm-train jobs {sweep.out_dir}` shows their logs)")
+    print(f"sweep {sweep.name}: {sum(r.state == 'done' for r in runs)} member(s) finished")
+
+
+def sweep_shorthand(argv: list[str]) -> list[str]:
+    """``psm-train sweep SWEEP.yaml ...`` is short for ``psm-train sweep submit SWEEP.yaml ...``."""
+    if len(argv) > 1 and argv[0] == "sweep" and argv[1] not in ("submit", "collect", "fit", "-h", "--help"):
+        return ["sweep", "submit", *argv[1:]]
+    return argv
 
 
 def add_commands(sub: argparse._SubParsersAction, add_overrides) -> None:
@@ -251,12 +238,31 @@ def add_commands(sub: argparse._SubParsersAction, add_overrides) -> None:
     p.add_argument("--tail", type=int, default=15, help="log lines shown per failing rank")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("sweep", usage=SWEEP_USAGE,
-                       help="submit a sweep file as one job array (finished members are skipped); "
-                            "collect its results and fit scaling laws")
-    p.add_argument("sweep", metavar="SWEEP.yaml | collect | fit",
-                   help="a sweep YAML to submit (see psm_train/launch/sweep.py), or the action collect or fit")
-    p.add_argument("path", nargs="?", metavar="FILE", help="collect: the sweep YAML; fit: the CSV collect wrote")
+    sweep = sub.add_parser("sweep", help="submit a sweep file (finished members are skipped); collect its results and "
+                                         "fit scaling laws", description="psm-train sweep SWEEP.yaml is short for "
+                                         "psm-train sweep submit SWEEP.yaml").add_subparsers(dest="sweep_action", required=True)
+    p = sweep.add_parser("submit", help="submit the members not finished, queued or running, as one job array "
+                                        "(or run them here with --executor local)")
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file (see psm_train/launch/sweep.py)")
     _add_resources(p)
-    scaling = _add_scaling(p)
-    p.set_defaults(func=lambda args: cmd_sweep(args, scaling))
+    g = p.add_argument_group("--executor local: members as processes on this machine (psm_train/launch/local.py)")
+    g.add_argument("--max-parallel", type=int, help="members at once (default: per-gpu x GPUs; 1 without GPUs)")
+    g.add_argument("--per-gpu", type=int, help="members sharing one GPU (default 1, or the sweep's local.per_gpu)")
+    g.add_argument("--gpus-per-member", type=int, help="whole GPUs per member, one rank each (default 1)")
+    g.add_argument("--budget", type=float, help="seconds; then running members checkpoint and stop (SIGTERM)")
+    g.add_argument("--refresh", type=float, help="seconds between redraws of the member table (default 5)")
+    p.set_defaults(func=cmd_sweep_submit)
+
+    p = sweep.add_parser("collect", help="final metrics of the finished members into a CSV (psm_train/launch/collect.py)")
+    p.add_argument("path", metavar="SWEEP.yaml", help="the sweep file")
+    p.add_argument("--out", help="the CSV (default <sweep out_dir>/scaling.csv)")
+    p.add_argument("--metric", help="the loss to fit, a key of summary.json's eval or train_loss "
+                                    "(default: the eval loss at the shortest length every member has)")
+    p.set_defaults(func=cmd_sweep_collect)
+
+    p = sweep.add_parser("fit", help="L(N, D) = E + A/N^alpha + B/D^beta per model family, frontier, plots")
+    p.add_argument("path", metavar="RESULTS.csv", help="the CSV `psm-train sweep collect` wrote")
+    p.add_argument("--out-dir", help="fit.json and the PNG plots (default: the CSV's directory)")
+    p.add_argument("--bootstrap", type=int, help="resamples for the uncertainty (default 200; 0: none)")
+    p.add_argument("--seed", type=int, help="the bootstrap's seed (default 0)")
+    p.set_defaults(func=cmd_sweep_fit)

@@ -2,7 +2,9 @@
 and loss, where their logs are, and the log tails of ranks that failed.
 
 States come from SLURM (squeue for live jobs, sacct for finished ones when accounting is on) and
-otherwise from the events the jobs recorded in ``run_dir/jobs.jsonl``.
+otherwise from the events the jobs recorded in ``run_dir/jobs.jsonl``. A run started by
+``psm-train train`` (no jobs.jsonl) is shown from its own files: finished (final.pt), running (its
+run-directory lock is held, by the pid named), or stopped (resumable from its newest checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import yaml
 
 from psm_train.launch import registry
 from psm_train.launch.submit import log_paths
+from psm_train.train.run_lock import lock_holder
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED"}
 _FROM_EVENTS = {"submitted": "SUBMITTED", "started": "RUNNING", "requeued": "REQUEUED", "stopped": "STOPPED",
@@ -111,15 +114,39 @@ def total_steps(run_dir: Path) -> int | None:
     return (yaml.safe_load(path.read_text()) or {}).get("train", {}).get("steps")
 
 
+def is_run_dir(path: Path) -> bool:
+    """Made by `psm-train submit` (jobs.jsonl) or by `psm-train train` (config.yaml, written at its start)."""
+    return (path / registry.FILENAME).is_file() or (path / "config.yaml").is_file()
+
+
 def run_dirs(path: Path) -> list[Path]:
     """The run directory itself, or every member run directory of a sweep directory."""
-    if (path / registry.FILENAME).is_file():
+    if is_run_dir(path):
         return [path]
-    members = sorted(p.parent for p in path.glob(f"*/{registry.FILENAME}"))
+    members = sorted({p.parent for name in (registry.FILENAME, "config.yaml") for p in path.glob(f"*/{name}")})
     if not members:
-        raise FileNotFoundError(f"{path}: no {registry.FILENAME} here or in its subdirectories "
-                                "(expected a run directory or a sweep directory)")
+        raise FileNotFoundError(f"{path}: no run here or in its subdirectories (expected a run directory, with "
+                                f"config.yaml or {registry.FILENAME}, or a sweep directory)")
     return members
+
+
+def newest_checkpoint(run_dir: Path) -> int | None:
+    """The step of the newest published checkpoint (not verified; training's load() does that)."""
+    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if p.name.split("_")[1].isdigit()]
+    return max(steps, default=None)
+
+
+def direct_run_state(run_dir: Path) -> tuple[str, str]:
+    """(state, detail) of a run started by `psm-train train`: from final.pt, the run lock and the checkpoints."""
+    if (run_dir / "final.pt").is_file():
+        return "COMPLETED", f"final.pt in {run_dir}"
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        return "RUNNING", f"pid {holder.get('pid')} on {holder.get('host')}: {holder.get('command')}"
+    step = newest_checkpoint(run_dir)
+    if step is None:
+        return "STOPPED", "no checkpoint: the same command starts it again from step 0"
+    return "STOPPED", f"resumable from checkpoints/step_{step:09d}: run the same command again"
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -149,7 +176,12 @@ def report(path: Path, tail_lines: int = 15) -> str:
         steps = total_steps(run_dir)
         step_text = "-" if step is None else f"{step}/{steps}" if steps else str(step)
         loss_text = "-" if loss is None else f"{loss:.4f}"
-        for job in job_records(run_dir):
+        records = job_records(run_dir)
+        if not records:  # started by `psm-train train`, not submitted
+            state, detail = direct_run_state(run_dir)
+            rows.append((run_dir.name, "-", "train", state, step_text, loss_text, "-", "-"))
+            details.append(f"{run_dir.name}: {detail}")
+        for job in records:
             sub = job["submitted"]
             requeues = [e for e in job["events"] if e["event"] == "requeued"]
             out, _ = log_paths(Path(sub["log_folder"]), sub["job_id"], 1)[0]

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the source and the field."""
+from psm_train.errors import ConfigError  # noqa: F401  (also imported from here, as before psm_train.errors)
 
 
 @dataclass
@@ -25,8 +23,10 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine: over all steps after warmup | wsd: warmup, stable at lr, then decay
+    decay_steps: int = 0  # wsd: the decay (1 - sqrt) takes the last decay_steps steps; 0: no decay
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -51,6 +51,14 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule: expected cosine or wsd, got {self.schedule!r}")
+        if self.schedule == "cosine" and self.decay_steps:
+            raise ValueError(f"decay_steps: {self.decay_steps} applies to schedule: wsd only "
+                             "(cosine decays over every step after the warmup)")
+        if self.decay_steps < 0 or (self.schedule == "wsd" and self.warmup_steps + self.decay_steps > self.steps):
+            raise ValueError(f"decay_steps: expected an integer in [0, steps - warmup_steps] = "
+                             f"[0, {self.steps - self.warmup_steps}], got {self.decay_steps}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
@@ -69,14 +77,31 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine: deepspeed)
     grad_accum: int = 1  # micro-batches per optimizer step; train.batch_size is the whole step's
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
-    compile_blocks: bool = False  # torch.compile each transformer block (Block); affine blocks stay eager
+    # torch.compile each transformer block (Block); affine blocks stay eager. auto: on GPU, except under ZeRO-3.
+    compile_blocks: bool | str = "auto"
     # ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them at
     # each use (DeepSpeed's stage3_param_persistence_threshold).
     zero3_persistence_threshold: int = 100_000
+    # ZeRO-Offload: AdamW state and fp32 master weights in CPU memory, stepped there by DeepSpeed's CPUAdam
+    # (a C++ extension DeepSpeed compiles on first use). Needs engine: deepspeed and zero_stage >= 1.
+    offload_optimizer: bool = False
+    # torch engine: overlapped reduces gradient buckets while the backward still runs (as DDP does);
+    # after_backward all-reduces every gradient in one message after it (kept for comparison).
+    grad_reduce: str = "overlapped"
+    bucket_mb: float = 25.0  # size of one overlapped all-reduce, in MiB of gradients
 
     def validate(self) -> None:
         if self.sp <= 0 or self.grad_accum <= 0:
             raise ValueError("sp and grad_accum: expected positive integers")
+        if self.grad_reduce not in ("overlapped", "after_backward"):
+            raise ValueError(f"grad_reduce: expected overlapped or after_backward, got {self.grad_reduce!r}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb: expected a positive number, got {self.bucket_mb}")
+        if self.offload_optimizer and (self.engine != "deepspeed" or self.zero_stage < 1):
+            raise ValueError(
+                f"offload_optimizer: needs engine: deepspeed and zero_stage 1, 2 or 3 (got engine: {self.engine}, "
+                f"zero_stage: {self.zero_stage})"
+            )
         if self.zero3_persistence_threshold < 0:
             raise ValueError(f"zero3_persistence_threshold: expected an integer >= 0, got {self.zero3_persistence_threshold}")
         if self.engine not in ("torch", "deepspeed"):
@@ -85,7 +110,9 @@ class ParallelConfig:
             raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage and self.engine != "deepspeed":
             raise ValueError(f"zero_stage: {self.zero_stage} needs engine: deepspeed")
-        if self.compile_blocks and self.zero_stage == 3:
+        if self.compile_blocks not in (True, False, "auto"):
+            raise ValueError(f"compile_blocks: expected true, false or auto, got {self.compile_blocks!r}")
+        if self.compile_blocks is True and self.zero_stage == 3:
             raise ValueError(
                 "compile_blocks: not supported with zero_stage 3 (its parameter gathering in module hooks is untested "
                 "under torch.compile)"
@@ -98,6 +125,7 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"  # auto: continue from the newest complete checkpoint in the run dir | never
+    on_save_error: str = "stop"  # a failed background write: stop at the next step | continue (warn, train on)
 
     def validate(self) -> None:
         if self.every < 0 or self.keep_every < 0:
@@ -106,6 +134,8 @@ class CheckpointConfig:
             raise ValueError(f"keep_last: expected an integer >= 1, got {self.keep_last}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume: expected auto or never, got {self.resume!r}")
+        if self.on_save_error not in ("stop", "continue"):
+            raise ValueError(f"on_save_error: expected stop or continue, got {self.on_save_error!r}")
 
 
 @dataclass
@@ -239,7 +269,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: bad key {key!r}")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value of {key} is not valid YAML ({problem}); quote a string, "
+                          "write a list as [1, 2]") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -296,3 +331,42 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return config_from_dict(raw, str(path))
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = node
+    return out
+
+
+def resume_differences(saved: dict[str, Any], current: RunConfig) -> tuple[list[str], list[str]]:
+    """(model differences, other differences) between a checkpoint's config (``cfg.to_dict()`` as saved) and now.
+
+    Each as "model.d_model: 64 (checkpoint) -> 32 (now)". Model differences are every field under ``model`` and
+    the data's vocabulary size (``data.vocab_size``, where the task has one): a checkpoint cannot be resumed
+    with another model. The rest (schedule, batch, data, parallelism...) may change on resume and should be
+    recorded. ``run_dir`` is left out. A field the checkpoint predates counts only if it differs from its
+    default, so adding a config field does not invalidate old checkpoints.
+    """
+    try:
+        normalized = config_from_dict(dict(saved), "checkpoint config").to_dict()  # fills defaults of newer fields
+    except (ConfigError, TypeError):
+        normalized = saved  # written by code that had other fields: compare what is there
+    before, now = _flatten(normalized, "", {}), _flatten(current.to_dict(), "", {})
+    model, other = [], []
+    for key in [*now, *(k for k in before if k not in now)]:
+        if key == "run_dir" or before.get(key, _ABSENT) == now.get(key, _ABSENT):
+            continue
+        line = f"{key}: {_shown(before.get(key, _ABSENT))} (checkpoint) -> {_shown(now.get(key, _ABSENT))} (now)"
+        (model if key.startswith("model.") or key == "data.vocab_size" else other).append(line)
+    return model, other
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")

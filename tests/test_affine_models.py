@@ -119,7 +119,15 @@ def test_mamba2_init():
 
 def test_retnet_decays():
     m = mixer("retnet")
-    torch.testing.assert_close(m.log_gamma.exp(), torch.tensor([1 - 2**-5, 1 - 2**-6], dtype=torch.float64))
+    x = torch.zeros(1, dtype=torch.float64)
+    torch.testing.assert_close(m.log_gamma(x).exp(), torch.tensor([1 - 2**-5, 1 - 2**-6], dtype=torch.float64))
+
+
+def test_retnet_decays_exact_in_float64_after_a_float32_build():
+    """A model built in float32 and moved to float64 has the float64 decays, not float32's rounding of them."""
+    m = mixer("retnet").float().double()
+    exact = torch.log1p(-(2.0 ** (-5.0 - torch.arange(2, dtype=torch.float64))))
+    assert torch.equal(m.log_gamma(torch.zeros(1, dtype=torch.float64)), exact)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 TOOLS = Path(__file__).parent.parent / "tools"
 
@@ -36,96 +38,33 @@ def test_bench_checkpoint_reports_blocked_and_write_time(tmp_path):
     assert result["blocked_s_per_save"] >= 0 and result["write_s_per_save"] > 0
 
 
-def test_results_runner_and_plots(tmp_path):
-    """tools/bench_results.py probes, sizes and trains two tiny S5 runs on CPU; tools/plot_results.py
-    turns its output directory into the S5 table and figure."""
+def test_results_sweep_and_plots(tmp_path):
+    """A results sweep of named members (two tiny S3 runs on CPU, at once) through `psm-train sweep --executor
+    local`; tools/plot_results.py turns its output directory into the S3 table and figure, by member name."""
     root = TOOLS.parent
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(f"""
-group: s5
-steps: {{min: 4, max: 4, round: 2}}
-eval_points: 2
-scale: {{data.curriculum_steps: 0.25}}
-set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens=[6, 9]", train.eval_batches=1, train.eval_batch_size=4,
-      train.device=cpu]
-runs:
-  - {{name: s5_psm_c1_s0, config: {root}/configs/results/s5_psm_c1.yaml,
-     set: [model.d_model=16, model.n_heads=2, model.inf_layers=1]}}
-  - {{name: s5_transformer_s0, config: {root}/configs/results/s5_transformer.yaml,
-     set: [model.d_model=16, model.n_heads=2, model.n_layers=1]}}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+config: {root}/configs/results/s3_cpu_psm_c1.yaml
+out_dir: {tmp_path}/runs
+set: {{train.steps: 3, train.batch_size: 4, data.max_len: 6, data.eval_seq_lens: [6, 9], train.eval_batches: 1,
+       train.eval_batch_size: 4, train.device: cpu, train.threads: 1, data.degree: 3}}
+list:
+  - {{name: s3_psm_c1_s0, model.d_model: 16, model.inf_layers: 1}}
+  - {{name: s3_transformer_s0, config: {root}/configs/results/s3_cpu_transformer.yaml, model.d_model: 16,
+     model.n_layers: 1}}
+local: {{max_parallel: 2}}
 """)
+    done = subprocess.run([sys.executable, "-m", "psm_train", "sweep", str(sweep), "--executor", "local"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = tmp_path / "runs"
-    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--probe-steps", "4", "--budget-s", "1", "--kill-after", "200")
-    summary = json.loads((out / "summary.json").read_text())
-    for name in ("s5_psm_c1_s0", "s5_transformer_s0"):
-        assert summary["runs"][name]["returncode"] == 0 and summary["runs"][name]["steps"] == 4
-        assert set(summary["runs"][name]["final"]) == {"6", "9"}
-    done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_toy")
-    assert (tmp_path / "plots" / "results_s5_toy.png").stat().st_size > 0
-    assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
-
-
-def write_s3_plan(path: Path, names: list[str], eval_lens: str, extra: str = "") -> Path:
-    """A bench_results plan of tiny CPU runs of S3 (the named ones of s3_psm_c1_s0, s3_transformer_s0)."""
-    root = TOOLS.parent
-    runs = {
-        "s3_psm_c1_s0": f"{{name: s3_psm_c1_s0, config: {root}/configs/results/s3_cpu_psm_c1.yaml, "
-                        "set: [model.d_model=16, model.inf_layers=1]}",
-        "s3_transformer_s0": f"{{name: s3_transformer_s0, config: {root}/configs/results/s3_cpu_transformer.yaml, "
-                             "set: [model.d_model=16, model.n_layers=1]}",
-    }
-    path.write_text(f"""
-group: s3
-eval_points: 1
-set: [train.batch_size=4, data.max_len=6, "data.eval_seq_lens={eval_lens}", train.eval_batches=1, train.eval_batch_size=4,
-      train.device=cpu, data.degree=3{extra}]
-runs:
-""" + "".join(f"  - {runs[name]}\n" for name in names))
-    return path
-
-
-def test_results_runner_sequential_and_added_runs(tmp_path):
-    """--sequential --steps N: no probe, the runs one after another; a later --only call adds a run to the
-    same directory's summary.json without dropping the earlier ones. A degree-3 group (S3) plots with its name."""
-    plan = write_s3_plan(tmp_path / "plan.yaml", ["s3_psm_c1_s0", "s3_transformer_s0"], eval_lens="[6, 9]")
-    out = tmp_path / "runs"
-    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--sequential", "--steps", "3",
-             "--only", "s3_psm_c1_s0", "--budget-s", "200")
-    run_tool("bench_results.py", str(plan), "--out-dir", str(out), "--sequential", "--steps", "2",
-             "--only", "s3_transformer_s0", "--budget-s", "200")
-    summary = json.loads((out / "summary.json").read_text())
-    assert [summary["runs"][n]["steps"] for n in ("s3_psm_c1_s0", "s3_transformer_s0")] == [3, 2]
-    assert all(r["returncode"] == 0 for r in summary["runs"].values()) and not (out / "probe_plain").exists()
+    assert all((out / name / "final.pt").is_file() for name in ("s3_psm_c1_s0", "s3_transformer_s0"))
     done = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots"), "--tag", "_s3", "--log-acc")
     assert "### S3 (not S5) (runs)" in done.stdout and "chance 1/6" in done.stdout
     assert "| Transformer-PSM c=1 | " in done.stdout and "| Transformer | " in done.stdout
     assert "then only the sign" in done.stdout and "| s3_psm_c1_s0 | " in done.stdout
-    assert "Sign accuracy" in done.stdout  # the trainer's eval.json now holds group_acc_by_position
+    assert "Sign accuracy" in done.stdout  # the trainer's eval.json holds group_acc_by_position
     assert (tmp_path / "plots" / "results_s5_s3.png").is_file()
-
-
-def test_results_runner_stops_a_run_at_its_limit_and_resumes_it(tmp_path):
-    """A run over ``--budget-s`` × ``--kill-after`` gets SIGTERM and saves a checkpoint ("stopped");
-    ``--resume`` continues it in the same directory, appending to its log, as across two GPU calls."""
-    plan = write_s3_plan(tmp_path / "plan.yaml", ["s3_psm_c1_s0"], eval_lens="[6]", extra=", checkpoint.every=0")
-    out, run_dir = tmp_path / "runs", tmp_path / "runs" / "s3_psm_c1_s0"
-    common = [str(plan), "--out-dir", str(out), "--sequential", "--set", "train.log_every=5"]
-    run_tool("bench_results.py", *common, "--steps", "1000000", "--budget-s", "20", "--kill-after", "1")
-    first = json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"]
-    assert first["returncode"] == "stopped" and not first["resumed"]
-    stopped = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    assert stopped % 5 == 0 and any((run_dir / "checkpoints").iterdir())
-
-    run_tool("bench_results.py", *common, "--resume", "--steps", str(stopped + 10), "--budget-s", "200")
-    second = json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"]
-    assert second["returncode"] == 0 and second["resumed"]
-    log = (run_dir / "log.txt").read_text()
-    assert f"stopping at step {stopped} on a preemption signal" in log and f"at step {stopped} (saved by 1 ranks)" in log
-    assert json.loads((run_dir / "eval.json").read_text())["6"]["acc"] >= 0
-
-    third = run_tool("bench_results.py", *common, "--resume", "--steps", str(stopped + 10), "--budget-s", "200")
-    assert "s3_psm_c1_s0: finished already (final.pt), kept as it is" in third.stdout
-    assert json.loads((out / "summary.json").read_text())["runs"]["s3_psm_c1_s0"] == second
 
 
 def test_profile_scan_needs_a_gpu():
@@ -135,11 +74,64 @@ def test_profile_scan_needs_a_gpu():
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
 
 
+def test_gpu_benchmarks_need_a_gpu():
+    for tool in ("bench_models.py", "bench_scan.py", "bench_attention.py"):
+        done = subprocess.run([sys.executable, str(TOOLS / tool)], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"{tool} needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
+
+
+def test_isolated_run_turns_failures_into_errors(monkeypatch, tmp_path):
+    """tools/isolated_run.py: the child's result, or "oom", "timeout after N s" or its exit status and last
+    stderr line; a child past its limit is killed with its process group (its own children included)."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    from isolated_run import OOM, run_isolated
+
+    def child(code: str, timeout_s: float = 60):
+        prelude = "import sys, time\nsys.path.insert(0, %r)\nfrom isolated_run import write_result\n" % str(TOOLS)
+        return run_isolated([sys.executable, "-c", prelude + code], timeout_s)
+
+    assert child("write_result(sys.argv[sys.argv.index('--row-out') + 1], {'ms': 1.5})") == ({"ms": 1.5}, None)
+    assert child("raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')") == (None, OOM)
+    assert child("sys.exit('bad shape')") == (None, "exit 1: bad shape")
+    start, pid_file = time.time(), tmp_path / "grandchild.pid"
+    grandchild = (
+        "import subprocess\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+    )
+    assert child(grandchild + "time.sleep(60)", timeout_s=5) == (None, "timeout after 5 s")
+    assert time.time() - start < 30
+
+    def alive(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def test_benchmarks_run_each_configuration_in_a_child(monkeypatch):
+    """bench_models.py and bench_scan.py hand each configuration to a child process (the script with
+    --one) and turn its failure into an error row: here the child stops at its GPU check."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import bench_models
+    import bench_scan
+
+    args = SimpleNamespace(tokens=4096, warmup=1, steps=1, profile=0, compile=True, shape_timeout=120)
+    row = bench_models.measure_isolated("gla", 2048, args)
+    assert row["error"] == "exit 1: bench_models.py needs a CUDA GPU", row
+    assert (row["model"], row["T"], row["batch"], row["params_M"], row["compiled"]) == ("gla", 2048, 2, None, True)
+    args = SimpleNamespace(batch=2, heads=2, ref_max_len=64, chunk=64, shape_timeout=120)
+    assert bench_scan.measure_isolated("diagonal", 64, 128, args) == [
+        dict(decay="diagonal", D=64, T=128, impl="all", error="exit 1: bench_scan.py needs a CUDA GPU")]
+
+
 def test_autotune_rows_rank_each_kernels_configs(capsys, monkeypatch):
     """The autotuning table of profile_scan.py --tunings: per kernel, fastest first, from the
     autotuner's timings (a list of quantiles or one number); kernels that did not tune are left out."""
-    from types import SimpleNamespace
-
     monkeypatch.syspath_prepend(str(TOOLS))
     from cuda_profile import autotune_rows, print_autotune_table
 
@@ -173,26 +165,14 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     assert bad.returncode != 0 and "not scalar-decay kernels" in bad.stderr
 
 
-def test_shipped_plans_name_valid_runs():
-    """Every run of every plan in configs/results/ loads, and the plan's and its own overrides take."""
-    import yaml
+def test_shipped_sweeps_load():
+    """Every sweep file in configs/sweeps/ loads: every member's config (and branch) is valid."""
+    from psm_train.launch.sweep import load_sweep
 
-    sys.path.insert(0, str(TOOLS))
-    from bench_results import load_plan
-
-    from psm_train.config import load_config
-
-    plans = sorted((TOOLS.parent / "configs" / "results").glob("plan_*.yaml"))
-    assert plans
-    for path in plans:
-        plan = load_plan(str(path))
-        for run in plan["runs"]:
-            overrides = [*plan["set"], *run["set"]]
-            values = load_config(TOOLS.parent / run["config"], overrides).to_dict()
-            final = dict(item.split("=", 1) for item in overrides)  # a run's own setting wins over the plan's
-            for key, value in final.items():
-                section, name = key.split(".")
-                assert values[section][name] == yaml.safe_load(value), (path.name, run["name"], key, value)
+    sweeps = sorted((TOOLS.parent / "configs" / "sweeps").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        assert load_sweep(path).members, path
 
 
 def test_s5_position_ranges_double_beyond_the_training_length():
@@ -259,3 +239,25 @@ def test_mqar_rows_name_what_the_run_config_sets_apart(tmp_path):
     rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in table.splitlines() if line.startswith("| ")}
     assert rows["| Transformer (2 blocks)"] == "0.998 |"
     assert rows["| Transformer (3 blocks, seed 1, fp32)"] == "0.331 |"
+
+
+def test_bench_generation_times_the_full_carry(tmp_path):
+    """Contexts c·(2^k − 1) for every model; the jump checked against stepping; the carry step timed."""
+    out = tmp_path / "gen.json"
+    done = run_tool("bench_generation.py", "--tiny", "--device", "cpu", "--chunk", "4", "--min-context", "8",
+                    "--max-context", "32", "--repeats", "2", "--check", "--out", str(out))
+    assert "carries through all k levels" in done.stdout
+    data = json.loads(out.read_text())
+    rows = {(r["model"], r["context"]): r for r in data["rows"]}
+    models = ("transformer", "transformer_psm", "gla", "mamba2")
+    assert set(rows) == {(m, n) for m in models for n in (4, 12, 28)}
+    for (model, n), r in rows.items():
+        assert r["chunks"] == n // 4 and r["levels"] == (n // 4).bit_length() and r["full_carry"] and r["window"] == 8
+        assert 0 < r["ms_median"] <= r["ms_p99"] <= r["ms_max"] and r["ms_carry"] > 0 and r["ms_after_carry"] > 0
+        assert r["state_bytes"] > 0
+    psm = [rows["transformer_psm", n] for n in (4, 12, 28)]
+    assert [r["roots_at_jump"] for r in psm] == [1, 2, 3]
+    # the KV cache grows with the context; the recurrent states do not
+    assert rows["transformer", 28]["state_bytes"] > rows["transformer", 4]["state_bytes"]
+    assert rows["gla", 28]["state_bytes"] == rows["gla", 4]["state_bytes"]
+    assert "| transformer_psm c4 | 28 | 7 | 3 |" in done.stdout

@@ -6,6 +6,7 @@ so that is the real protocol); crash tests SIGKILL child processes at each named
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_map
 
-from psm_train.checkpoint import CheckpointError, CheckpointStore
+from psm_train.checkpoint import CheckpointError, CheckpointStore, CheckpointWriteError
 from psm_train.checkpoint import store as store_mod
 
 
@@ -141,22 +142,109 @@ def test_save_is_asynchronous(tmp_path, monkeypatch):
     assert store.complete_steps() == [1, 2]
 
 
-def test_writer_errors_surface_once(tmp_path, monkeypatch):
-    def disk_full(*args):
-        raise OSError("disk full")
+def disk_full(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store_mod, "_write_shard", disk_full)
+
+def test_writer_errors_surface_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_write_shard", lambda *a: disk_full())
     store = CheckpointStore(tmp_path, 0, 1)
     store.save(1, {}, {})
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match="No space left"):
         store.wait()
     store.save(2, {}, {})
-    with pytest.raises(OSError, match="disk full"):  # not waited for: the next save reports it
+    with pytest.raises(CheckpointWriteError, match="step 2"):  # not waited for: the next save reports it
         store.save(3, {}, {})
     monkeypatch.undo()
     store.save(4, {}, {})
     store.close()
     assert store.complete_steps() == [4]
+
+
+def wait_for_failure(store: CheckpointStore) -> None:
+    """Until the writer thread has finished its job (without check(), which would consume the error)."""
+    store._pending.exception(timeout=30)
+
+
+def test_full_disk_is_reported_at_once_then_stops_the_next_step(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(store_mod._HashingWriter, "write", lambda self, data: disk_full())
+    store = CheckpointStore(tmp_path, 0, 1)
+    store.save(5, {"w": torch.ones(100)}, {"step": 5})
+    wait_for_failure(store)
+    err = capfd.readouterr().err
+    shard = tmp_path / ".tmp_step_000000005" / "rank00000.pt"
+    assert f"checkpoint of step 5 not saved: writing {shard} failed: OSError: [Errno 28] No space left on device" in err
+    assert "training stops at the next step" in err
+    assert not shard.exists()  # its space is freed
+    with pytest.raises(CheckpointWriteError, match=rf"step 5 not saved: writing {shard} failed: .*Errno 28"):
+        store.check()  # what the loop calls once per step
+    store.check()  # raised once
+    assert store.failed_saves == 1 and store.complete_steps() == []
+    store.close()
+
+
+def test_continue_policy_trains_on_and_later_saves_publish(tmp_path, monkeypatch, capfd):
+    write = store_mod._HashingWriter.write
+    monkeypatch.setattr(store_mod._HashingWriter, "write", lambda self, data: disk_full())
+    store = CheckpointStore(tmp_path, 0, 1, on_save_error="continue")
+    store.save(5, {"w": torch.ones(100)}, {"step": 5})
+    wait_for_failure(store)
+    store.check()  # no error: reported on stderr only
+    assert "training goes on" in capfd.readouterr().err
+    monkeypatch.setattr(store_mod._HashingWriter, "write", write)  # space freed
+    store.save(10, {"w": torch.ones(100)}, {"step": 10})
+    store.close()
+    assert store.complete_steps() == [10] and store.failed_saves == 1
+    with pytest.raises(ValueError, match="on_save_error must be stop or continue"):
+        CheckpointStore(tmp_path, 0, 1, on_save_error="ignore")
+
+
+def test_failed_rank_stops_rank_zero_waiting(tmp_path, monkeypatch, capfd):
+    rank0 = CheckpointStore(tmp_path, 0, 2, publish_timeout_s=60)
+    rank1 = CheckpointStore(tmp_path, 1, 2)
+    write = store_mod._write_shard
+    monkeypatch.setattr(store_mod, "_write_shard", lambda path, shard, rank: disk_full() if rank == 1 else write(path, shard, rank))
+    started = time.monotonic()
+    save_all_failing = [rank1.save(3, {"v": 1}, {}), rank0.save(3, {"v": 0}, {})]
+    assert len(save_all_failing) == 2
+    with pytest.raises(CheckpointWriteError, match="step 3 not published: rank 1: checkpoint of step 3 not saved"):
+        rank0.wait()
+    assert time.monotonic() - started < 30  # not publish_timeout_s
+    with pytest.raises(CheckpointWriteError, match="rank00001.pt failed"):
+        rank1.wait()
+    assert rank0.complete_steps() == [] and not (tmp_path / ".tmp_step_000000003").exists()
+
+
+def test_staging_reuses_one_buffer_per_tensor_across_saves(tmp_path):
+    store = CheckpointStore(tmp_path, 0, 1, keep_last=3)
+    w = torch.arange(6.0).reshape(2, 3)
+    store.save(1, {"w": w.t(), "b": torch.zeros(4)}, {})  # a transposed view: staged contiguous
+    buffers = dict(store.staging.buffers)
+    w.add_(10)
+    store.save(2, {"w": w.t(), "b": torch.ones(4)}, {})
+    assert {k: id(v) for k, v in store.staging.buffers.items()} == {k: id(v) for k, v in buffers.items()}
+    store.save(3, {"w": torch.zeros(5)}, {})  # another shape: a new buffer; unused ones are dropped
+    assert [k[1] for k in store.staging.buffers] == [(5,)]
+    store.close()
+    assert torch.equal(store.load(1).read(0)["w"], torch.arange(6.0).reshape(2, 3).t())
+    assert torch.equal(store.load(2).read(0)["w"], torch.arange(6.0).reshape(2, 3).t() + 10)
+    assert torch.equal(store.load(2).read(0)["b"], torch.ones(4)) and store.load(2).read(0)["w"].is_contiguous()
+    assert torch.equal(store.load(2).read(0, mmap=True)["w"], store.load(2).read(0)["w"])
+
+
+def test_non_finite_checkpoints_are_skipped_and_never_push_out_good_ones(tmp_path):
+    store = CheckpointStore(tmp_path, 0, 1, keep_last=2)
+    for step in (1, 2):
+        store.save(step, {"w": torch.full((3,), float(step))}, {"step": step})  # no field: accepted
+    for step in (3, 4, 5):
+        store.save(step, {"w": torch.full((3,), float("nan"))}, {"step": step, "finite": False})
+    store.close()
+    assert store.complete_steps() == [1, 2, 5]  # the two good ones stay; of the bad ones only the newest
+    with pytest.warns(UserWarning, match=r"step_000000005: saved with non-finite values"):
+        checkpoint = store.load()
+    assert checkpoint.step == 2 and checkpoint.skipped == ["step_000000005: saved with non-finite values (meta.json: finite false)"]
+    with pytest.raises(CheckpointError, match="non-finite"):
+        store.load(5)
 
 
 def test_restart_discards_unpublished_shards(tmp_path):

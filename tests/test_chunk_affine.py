@@ -5,7 +5,7 @@ import torch
 
 from psm_train.kernels.chunk_affine import chunk_affine
 from psm_train.kernels.chunk_affine.reference import chunk_affine_ref, recurrent_affine_ref
-from psm_train.scan.affine import combine
+from psm_train.kernels.chunk_affine.combine import combine
 
 B, T, H, K, V = 2, 13, 2, 3, 4  # T = 13: a multiple of no chunk size tested but 1
 

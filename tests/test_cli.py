@@ -1,6 +1,7 @@
 """End to end through the installed ``psm-train`` command: train, eval, generate, bad input."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_run_directory(trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [4, 6, 8, 12]
+    assert [r["step"] for r in records] == [1, 4, 6, 8, 12]  # step 1 too: the first loss shows at once
     for r in records:
         if "loss" in r:
             assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
@@ -79,7 +80,8 @@ def test_eval_prints_a_table_per_length(trained):
     out = psm_train("eval", str(trained), "--set", "data.eval_seq_lens=[96]")
     lines = out.stdout.splitlines()
     assert lines[1].split() == ["length", "loss", "accuracy", "scored"]
-    assert [line.split()[0] for line in lines[2:]] == ["32", "96"]
+    assert lines[0].endswith("2 length(s) on cpu")  # said before the first length is evaluated
+    assert [line.split()[0] for line in lines[2:4]] == ["32", "96"]  # a row per length, printed as it finishes
 
 
 def test_s5_run_logs_and_prints_the_sign_accuracy(tmp_path):
@@ -133,4 +135,49 @@ def test_plot_metrics_writes_png(trained, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert "| length | step 6 | step 12 |" in done.stdout
-    assert f"| 64 | {records[1]['eval/len64/acc']:.3f} | {records[-1]['eval/len64/acc']:.3f} |" in done.stdout
+    at = {r["step"]: r for r in records}
+    assert f"| 64 | {at[6]['eval/len64/acc']:.3f} | {at[12]['eval/len64/acc']:.3f} |" in done.stdout
+
+
+def test_version_and_a_help_that_does_not_import_torch():
+    assert psm_train("--version").stdout.strip() == "psm-train 0.1.0"
+    out = subprocess.run([sys.executable, "-c", "import sys\nfrom psm_train.cli import build_parser\n"
+                          "build_parser().format_help()\nprint(sorted(m for m in ('torch', 'numpy', 'submitit') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_unparsable_override_and_zero_ranks_are_refused_in_one_line(tmp_path):
+    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "x"), "--set", "train.lr=[1,2", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--set 'train.lr=[1,2': the value of train.lr is not valid YAML" in out.stderr
+    out = psm_train("train", "configs/quickstart.yaml", "--nproc", "0", check=False)
+    assert out.returncode == 2 and "--nproc: expected a positive integer, got 0" in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_sweep_actions_are_subcommands():
+    out = psm_train("sweep", "collect", "--help").stdout
+    assert out.startswith("usage: psm-train sweep collect") and "--partition" not in out and "--bootstrap" not in out
+    assert "--bootstrap" in psm_train("sweep", "fit", "--help").stdout
+
+
+def test_jobs_shows_a_run_started_by_train(trained, tmp_path, capsys):
+    from psm_train.cli import main
+    from psm_train.train.run_lock import RunLock
+
+    main(["jobs", str(trained)])
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:5] == ["quick", "-", "train", "COMPLETED", "12/12"]
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints" / "step_000000040").mkdir(parents=True)
+    (stopped / "config.yaml").write_text("train:\n  steps: 100\n")
+    (stopped / "metrics.jsonl").write_text('{"step": 40, "loss": 2.5}\n{"step": 50, "lo')
+    main(["jobs", str(stopped)])
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:6] == ["stopped", "-", "train", "STOPPED", "40/100", "2.5000"]
+    assert "resumable from checkpoints/step_000000040" in out
+    with RunLock(stopped):
+        main(["jobs", str(tmp_path)])  # the directory above: its runs
+        out = capsys.readouterr().out
+    assert "RUNNING" in out and f"pid {os.getpid()}" in out

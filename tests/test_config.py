@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from psm_train.config import ConfigError, config_from_dict, load_config
+from psm_train.config import ConfigError, config_from_dict, load_config, resume_differences
 from psm_train.models import MODEL_CONFIGS
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -73,3 +73,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
     no_model.write_text("data: {task: mqar}\n")
     with pytest.raises(ConfigError, match=r"no_model.yaml: model.name: required"):
         load_config(no_model)
+
+
+def test_unparsable_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"quickstart.yaml: --set 'train.lr=\[1,2': the value of train.lr is not valid YAML"):
+        load_config(CONFIGS[0].parent / "quickstart.yaml", ["train.lr=[1,2"])
+
+
+def test_resume_differences_split_model_from_the_rest():
+    path = CONFIGS[0].parent / "quickstart.yaml"
+    saved = load_config(path).to_dict()
+    now = load_config(path, ["model.d_model=32", "data.vocab_size=128", "model.chunk_size=16", "train.batch_size=8",
+                             "data.num_kv_pairs=2", "run_dir=elsewhere"])
+    model, other = resume_differences(saved, now)
+    assert model == ["model.d_model: 64 (checkpoint) -> 32 (now)", "model.chunk_size: 8 (checkpoint) -> 16 (now)",
+                     "data.vocab_size: 64 (checkpoint) -> 128 (now)"]
+    assert other == ["data.num_kv_pairs: 4 (checkpoint) -> 2 (now)", "train.batch_size: 64 (checkpoint) -> 8 (now)"]
+    assert resume_differences(saved, load_config(path)) == ([], [])
+    # A field added after the checkpoint was written counts only where it differs from its default.
+    del saved["checkpoint"]["on_save_error"]
+    assert resume_differences(saved, load_config(path)) == ([], [])
+    assert resume_differences(saved, load_config(path, ["checkpoint.on_save_error=continue"]))[1] == [
+        "checkpoint.on_save_error: stop (checkpoint) -> continue (now)"]

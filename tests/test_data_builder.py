@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from psm_train.cli import main
-from psm_train.data.corpora import DataError
+from psm_train.errors import DataError
 from psm_train.data.manifest import load_manifest, sha256_file
 from psm_train.data.shard_reader import shard_samples
 from psm_train.data.shards import BuildOptions, build_shards
@@ -102,3 +102,21 @@ def test_errors_name_the_file_and_field(corpus, tmp_path):
         build_shards(BuildOptions(out=tmp_path / "o", inputs=[str(bad)], workers=1, progress=False))
     with pytest.raises(DataError, match="--input .*missing"):
         build_shards(BuildOptions(out=tmp_path / "o", inputs=[str(tmp_path / "missing")], progress=False))
+
+
+def test_failed_build_leaves_the_output_as_it_was(corpus, tmp_path):
+    with pytest.raises(DataError, match="--val-fraction 0.001: the held-out documents fill no"):
+        build_shards(options(corpus, tmp_path / "new", val_fraction=0.001, workers=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no shards without a manifest, no work directory
+    out = tmp_path / "old"
+    before = build_shards(options(corpus, out, workers=1))
+    (out / "notes.txt").write_text("mine")
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="held-out documents"):
+        build_shards(options(corpus, out, val_fraction=0.001, workers=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files and load_manifest(out).raw == before.raw
+    # A successful rebuild replaces the shards (fewer of them here) and keeps other files.
+    after = build_shards(options(corpus, out, shard_samples=10_000, workers=1))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert (out / "notes.txt").read_text() == "mine" and after.raw != before.raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]

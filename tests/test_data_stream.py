@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from psm_train.data.corpora import DataError
+from psm_train.errors import DataError
 from psm_train.data.manifest import write_manifest
 from psm_train.data.shards import _write_shard
 from psm_train.data.stream import ShardsConfig, ShardStream, row_sources
@@ -18,7 +18,7 @@ from psm_train.data.stream import ShardsConfig, ShardStream, row_sources
 SEQ = 5  # samples hold SEQ + 1 tokens
 
 
-def make_shards(out: Path, sizes: list[int], first_id: int = 0, val: int = 4) -> Path:
+def make_shards(out: Path, sizes: list[int], first_id: int = 0, val: int = 4, vocab_size: int = 1 << 20) -> Path:
     """Shards whose sample with unique id i holds tokens 16 i + [0, 1, ..., SEQ]: the order is observable."""
     out.mkdir(parents=True)
     splits, next_id = {}, first_id
@@ -30,7 +30,7 @@ def make_shards(out: Path, sizes: list[int], first_id: int = 0, val: int = 4) ->
             shards.append(_write_shard(str(out / f"{split}-%06d.tar"), index, next_id, blocks))
             next_id += n
         splits[split] = {"samples": sum(split_sizes), "tokens": sum(split_sizes) * SEQ, "shards": shards}
-    write_manifest(out / "manifest.json", {"seq_len": SEQ, "dtype": "uint32", "vocab_size": 1 << 20, "eot_id": 0,
+    write_manifest(out / "manifest.json", {"seq_len": SEQ, "dtype": "uint32", "vocab_size": vocab_size, "eot_id": 0,
                                            "tokenizer": {"file": "none", "sha256": "x", "kind": "test"}, "splits": splits})
     return out
 
@@ -131,7 +131,7 @@ def test_truncated_shard_is_found_before_training(tmp_path):
     with pytest.raises(DataError, match="train-000001.tar"):
         ShardStream(ShardsConfig(manifests=[str(out)]), 0)
     source = ShardStream(ShardsConfig(manifests=[str(out)], on_corrupt="skip"), 0)
-    assert source.metrics() == {"data/skipped_shards": 1.0}
+    assert source.metrics() == {"data/skipped_shards": 1.0, "data/skipped_samples": 0.0}
     seen = sum(run(ShardsConfig(manifests=[str(out)], on_corrupt="skip"), 0, 10, 4, 1), [])
     assert not set(seen) & set(range(20, 40))
 
@@ -167,3 +167,51 @@ def test_pipe_and_file_urls_give_the_local_stream(shards):
     local = run(ShardsConfig(manifests=[str(shards)]), 4, 3, 8, 1)
     for base in (f"pipe:cat {shards}", f"file://{shards}"):
         assert run(ShardsConfig(manifests=[str(shards)], base_urls=[base]), 4, 3, 8, 1) == local
+
+
+def poison_sample(path: Path, sample_id: int) -> None:
+    """Overwrite one token of the sample with unique id ``sample_id`` by an id far outside the vocabulary;
+    the file keeps its size (so verify=size passes) and its tar structure."""
+    data = bytearray(path.read_bytes())
+    tokens = (sample_id * 16 + np.arange(SEQ + 1, dtype=np.uint32)).tobytes()
+    at = data.find(tokens)
+    assert at > 0 and data.find(tokens, at + 1) < 0
+    size = len(data)
+    data[at + 8:at + 12] = np.uint32(0xFFFF_FFF0).tobytes()  # the sample's third token
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_out_of_vocabulary_token_is_refused_or_only_that_sample_is_replaced(tmp_path, workers, capfd):
+    out = make_shards(tmp_path / "s", [20, 20, 20], vocab_size=2000)  # ids up to 16 * 64 + 5 fit
+    poison_sample(out / "train-000001.tar", 27)  # sample 7 of shard 1 (key 0000000027)
+    cfg = dict(manifests=[str(out)], workers=workers, shuffle_window=4)
+    with deadline(60):
+        with pytest.raises(RuntimeError, match=r"corrupt shard .*train-000001.tar: sample 7 \(key 0000000027\) holds "
+                                               r"token id 4294967280, outside the vocabulary \[0, 2000\)"):
+            stream = ShardStream(ShardsConfig(**cfg), 0).train_batches(0, 4)
+            for _ in range(15):
+                next(stream)
+        source = ShardStream(ShardsConfig(**cfg, on_corrupt="skip"), 0)
+        stream = source.train_batches(0, 4)
+        batches = [next(stream)[0] for _ in range(15)]  # one epoch: every sample, the bad one replaced
+        assert all(int(b.max()) < 2000 for b in batches)
+        seen = sum((ids(b) for b in batches), [])
+        assert 27 not in seen and len(seen) == 60 and len(set(seen)) == 59  # the substitute appears twice
+        assert source.metrics()["data/skipped_samples"] == 1.0
+        assert "replacing a sample of shard" in capfd.readouterr().err
+        # A resumed run replaces it the same way, wherever it starts.
+        skip = ShardsConfig(**{**cfg, "workers": 0}, on_corrupt="skip")
+        assert run(skip, 0, 15, 4, 1, seed=0) == [ids(b) for b in batches]
+        for start in (3, 8):
+            assert run(skip, 0, start, 4, 1, seed=0) + run(skip, start, 15 - start, 4, 2, seed=0) == [ids(b) for b in batches]
+
+
+def test_out_of_vocabulary_token_in_validation_shard(tmp_path):
+    out = make_shards(tmp_path / "s", [20], val=6, vocab_size=2000)
+    poison_sample(out / "val-000000.tar", 22)  # val ids start after the 20 training samples
+    with pytest.raises(RuntimeError, match=r"val-000000.tar: sample 2 \(key 0000000022\)"):
+        ShardStream(ShardsConfig(manifests=[str(out)]), 0).eval_sets(1, 6)
+    (inputs, _), = ShardStream(ShardsConfig(manifests=[str(out)], on_corrupt="skip"), 0).eval_sets(1, 6)[SEQ]
+    assert ids(inputs) == [20, 21, 23, 24, 25]

@@ -11,6 +11,7 @@ from psm_train.data import build_source
 from psm_train.data.synthetic import IGNORE_INDEX, S5Config
 from psm_train.distributed.layout import ParallelLayout
 from psm_train.models import build_model
+from psm_train.parallelize import apply_sequence_parallel
 from psm_train.train.evaluate import evaluate
 from tests.multiprocess import run_ranks
 from tests.test_sequence_parallel import MODELS, VOCAB
@@ -47,9 +48,10 @@ def _evaluate_on_ranks(rank: int, world: int, want: dict) -> None:
         torch.manual_seed(0)
         model = build_model(name, MODELS[name], VOCAB).double()
         seen = set()
-        model.register_forward_pre_hook(lambda m, args, kwargs: seen.add((args[0].shape[1], kwargs.get("sp") is not None)),
+        # A split sequence's slice comes with its global positions; a whole one without.
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.add((args[0].shape[1], kwargs.get("positions") is not None)),
                                         with_kwargs=True)
-        got = evaluate(model, eval_sets(), torch.device("cpu"), None, layout, sp)
+        got = evaluate(model, eval_sets(), torch.device("cpu"), None, layout, apply_sequence_parallel(model, sp))
         assert seen == {(32, True), (9, True) if name == "gla" else (18, False)}, f"{name}: {seen}"
         for seq_len, w in single.items():
             g = got[seq_len]
@@ -70,7 +72,7 @@ class RunningProductTimes(torch.nn.Module):
         super().__init__()
         self.table, self.offset = table, offset
 
-    def forward(self, inputs, sp=None, scored=None):
+    def forward(self, inputs, positions=None, scored=None):
         state = torch.zeros(inputs.shape[0], dtype=torch.int64)
         states = []
         for t in range(inputs.shape[1]):

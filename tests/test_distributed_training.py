@@ -69,9 +69,11 @@ ZERO3 = {"engine": "deepspeed", "zero_stage": 3, "zero3_persistence_threshold": 
         ("transformer_psm", 4, {"sp": 2, **ZERO3}, 20),
         ("gla", 2, ZERO3, 8),
         ("gla", 2, {"sp": 2, "engine": "deepspeed", "zero_stage": 2, "activation_checkpointing": True}, 8),
+        ("transformer_psm", 2, {"grad_accum": 2, "bucket_mb": 0.01}, 8),  # overlapped buckets, the last micro-batch
+        ("gla", 2, {"grad_accum": 2, "grad_reduce": "after_backward"}, 8),
     ],
     ids=["psm-sp2", "gla-dp2xsp2", "psm-dp2xsp2-zero1-accum2", "psm-dp2xsp2-zero3", "gla-dp2-zero3",
-         "gla-sp2-zero2-ac"],
+         "gla-sp2-zero2-ac", "psm-dp2-accum2-overlapped", "gla-dp2-accum2-after-backward"],
 )
 def test_parallel_training_tracks_single_process(tmp_path, model, world, parallel, steps):
     single = train_on(1, run_config(tmp_path / "single", model, steps=steps))
@@ -130,3 +132,20 @@ def test_killed_save_resumes_from_the_previous_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout, resumed.stdout
     assert (tmp_path / "run" / "final.pt").is_file()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_deepspeed_in_one_process_tracks_the_torch_engine(tmp_path, zero_stage):
+    """`psm-train train` with engine deepspeed and no launcher (what --nproc 1 runs too): a one-rank process group."""
+    pytest.importorskip("deepspeed")
+    single = train_on(1, run_config(tmp_path / "torch", "gla", steps=6))
+    raw = run_config(tmp_path / "ds", "gla", steps=6, parallel={"engine": "deepspeed", "zero_stage": zero_stage})
+    config = tmp_path / "ds.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "psm_train", "train", str(config)], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "DeepSpeed may compile its C++/CUDA extensions on first use" in done.stdout
+    for step, (a, b) in enumerate(zip(losses(tmp_path / "ds"), single, strict=True), 1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs the torch engine's {b}"

@@ -151,7 +151,7 @@ class CountingJob:
         self.run_dir, self.steps = run_dir, steps
 
     def __call__(self):
-        from psm_train.launch.job import run_task
+        from psm_train.launch.task import run_task
 
         return run_task(self.train, self.run_dir, retries=0, max_requeues=3)
 
@@ -192,7 +192,7 @@ class FailingJob:
         self.run_dir = run_dir
 
     def __call__(self):
-        from psm_train.launch.job import run_task
+        from psm_train.launch.task import run_task
 
         def crash():
             raise FloatingPointError("loss is nan")

@@ -57,6 +57,24 @@ def test_generation_reproduces_parallel_forward(name):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("n", [1, 4, 9, 16])
+def test_prefill_leaves_the_state_that_stepping_leaves(name, n):
+    """prefill(tokens[:n]) returns the logits of step n, and the steps after it continue exactly as after
+    n single steps (n on and off chunk boundaries: Transformer-PSM's counter comes from one upsweep)."""
+    model = small_model(name)
+    tokens = torch.randint(0, VOCAB, (2, n + 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stepped = model.init_generation(2)
+        expected = [stepped.step(tokens[:, t]) for t in range(n + 6)]
+        prefilled = model.init_generation(2)
+        got = [prefilled.prefill(tokens[:, :n])] + [prefilled.step(tokens[:, t]) for t in range(n, n + 6)]
+    assert relative_error(torch.stack(got), torch.stack(expected[n - 1 :])) <= 1e-9
+    assert prefilled.describe() == stepped.describe()
+    with pytest.raises(ValueError, match="fresh"):
+        prefilled.prefill(tokens[:, :1])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
 def test_causal(name):
     model = small_model(name)
     tokens = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(2))

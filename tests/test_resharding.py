@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from psm_train.checkpoint.store import CheckpointStore
 from psm_train.config import config_from_dict
 from psm_train.data import build_source
-from psm_train.data.synthetic import IGNORE_INDEX
+from psm_train.labels import IGNORE_INDEX
 from psm_train.models import build_model
 from psm_train.train.engine import build_engine, merge_canonical
 from tests.multiprocess import run_ranks

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psm_train.scan import OnlineScan, prefix_scan
-from psm_train.scan.tree import downsweep, upsweep
+from psm_train.scan.tree import upsweep
 
 
 
@@ -65,7 +65,7 @@ def test_psm_md_examples():
     torch.testing.assert_close(prefixes[:, 6], agg(b03, b45), rtol=0, atol=1e-12)
     torch.testing.assert_close(prefixes[:, 7], agg(agg(b03, b45), x[:, 6]), rtol=0, atol=1e-12)
     torch.testing.assert_close(prefixes[:, 1], x[:, 0], rtol=0, atol=0)
-    assert has.tolist() == [False] + [True] * 7
+    assert has is False  # P_0 is the identity: slot 0 holds no prefix
 
 
 @pytest.mark.parametrize("n", range(1, 71))
@@ -77,7 +77,7 @@ def test_parallel_online_and_tree_agree(n):
     prefixes, has = prefix_scan(x, agg)
     # One batched call per tree level, up and down.
     assert agg.calls <= 2 * max(1, math.ceil(math.log2(n)))
-    assert has.tolist() == [False] + [True] * (n - 1)
+    assert has is False
 
     online = OnlineScan(agg)
     assert online.prefix() is None
@@ -117,39 +117,8 @@ def test_root_prefix_splits_the_tree_into_aligned_blocks(n_ranks):
     for r in range(n_ranks):
         root = None if r == 0 else reference_prefix(x, agg, r * per_rank)
         local, has = prefix_scan(x[:, r * per_rank : (r + 1) * per_rank], agg, root_prefix=root)
-        assert bool(has[0]) == (r > 0)
+        assert has == (r > 0)
         torch.testing.assert_close(local[:, int(r == 0) :], full[:, r * per_rank + int(r == 0) : (r + 1) * per_rank], rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
-def test_uniform_calls_change_no_value_and_match_the_calls_of_a_rooted_downsweep(n):
-    """Rank 0 of a sequence-parallel group (no root prefix) must call Agg like the ranks after it."""
-    dim = 3
-    agg = MLPAgg(dim)
-    shapes = []
-
-    def recording(a, b):
-        shapes.append(tuple(a.shape))
-        return agg(a, b)
-
-    x = torch.randn(2, n, dim, requires_grad=True)
-    blocks = upsweep(x, agg)
-    plain = downsweep(blocks, n, agg)
-    shapes.clear()
-    uniform = downsweep(blocks, n, recording, uniform_calls=True)
-    uniform_shapes = list(shapes)
-    shapes.clear()
-    downsweep(blocks, n, recording, root_prefix=torch.randn(2, dim))
-    assert uniform_shapes == shapes
-    # Equal up to rounding: a batched call over one more pair may round its matmuls differently.
-    torch.testing.assert_close(uniform, plain, rtol=1e-12, atol=1e-12)
-    if n > 1:  # the discarded pairs stay in the graph (their backward runs) and add exactly zero
-        inputs = (x, agg.w1, agg.w2)
-        uniform_grads = torch.autograd.grad(uniform[:, 1:].sum(), inputs, retain_graph=True, allow_unused=True,
-                                            materialize_grads=True)
-        plain_grads = torch.autograd.grad(plain[:, 1:].sum(), inputs, allow_unused=True, materialize_grads=True)
-        for a, b in zip(uniform_grads, plain_grads):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_root_prefix_needs_power_of_two_block():
@@ -167,3 +136,84 @@ def test_multidimensional_states():
     prefixes, _ = prefix_scan(x, agg)
     for i in range(1, 11):
         torch.testing.assert_close(prefixes[:, i], reference_prefix(x, agg, i), rtol=1e-12, atol=1e-12)
+
+
+class ElementwiseAgg(torch.nn.Module):
+    """A per-element nonlinear Agg, neither associative nor commutative. Without matmuls, its result for one
+    pair does not depend on how many pairs share the call, so the batched upsweep and the counter's single
+    calls must agree bit for bit when their parenthesisation is the same."""
+
+    def __init__(self, dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(3, dim, generator=g))
+        self.calls = 0
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(self.w[0] * a + self.w[1] * b) + self.w[2] * a * b + 0.5 * b
+
+
+def assert_same_counter(a: OnlineScan, b: OnlineScan, exact: bool) -> None:
+    """The same roots and cached folds at the same levels: bit for bit, or to 1e-12 where matmuls may round
+    differently in a batched call."""
+    assert a.chunks == b.chunks
+    assert len(a.roots) == len(b.roots) and len(a.folds) == len(b.folds)
+    for x, y in zip(a.roots + a.folds, b.roots + b.folds):
+        assert (x is None) == (y is None)
+        if x is not None:
+            if exact:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_elementwise_agg_is_not_associative():
+    agg = ElementwiseAgg(4)
+    a, b, c = torch.randn(3, 2, 4).unbind(0)
+    assert (agg(agg(a, b), c) - agg(a, agg(b, c))).abs().max() > 1e-3
+    assert (agg(a, b) - agg(b, a)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("agg_class", [ElementwiseAgg, MLPAgg])
+@pytest.mark.parametrize("n", range(0, 18))
+def test_prefill_equals_pushing_chunk_by_chunk(n, agg_class):
+    """The counter read off one upsweep is the counter of n pushes, and stays so over more pushes."""
+    dim, batch, more = 4, 3, 9
+    agg = agg_class(dim, seed=n)
+    exact = agg_class is ElementwiseAgg
+    x = torch.randn(batch, n + more, dim, generator=torch.Generator().manual_seed(200 + n))
+    pushed = OnlineScan(agg)
+    for t in range(n):
+        pushed.push(x[:, t])
+    agg.calls = 0
+    filled = OnlineScan.prefill(x[:, :n], agg)
+    # one batched call per upsweep level, then the folds of the roots: O(log n) in all
+    assert filled.agg_calls == agg.calls <= max(n - 1, 0).bit_length() + max(bin(n).count("1") - 1, 0)
+    assert_same_counter(filled, pushed, exact)
+    if n:
+        torch.testing.assert_close(filled.prefix(), reference_prefix(x, agg, n), rtol=1e-12, atol=1e-12)
+    else:
+        assert filled.prefix() is None
+    for t in range(n, n + more):
+        pushed.push(x[:, t])
+        filled.push(x[:, t])
+        assert_same_counter(filled, pushed, exact)
+
+
+def test_from_upsweep_reads_any_prefix_of_longer_blocks():
+    """Blocks of 13 chunks give the counter of any first n of them."""
+    agg = ElementwiseAgg(3)
+    x = torch.randn(2, 13, 3)
+    blocks = upsweep(x, agg)
+    for n in range(14):
+        pushed = OnlineScan(agg)
+        for t in range(n):
+            pushed.push(x[:, t])
+        filled = OnlineScan.from_upsweep(blocks, n, agg)
+        assert_same_counter(filled, pushed, exact=True)
+        # the roots are copies: holding the counter does not keep the upsweep's levels alive
+        held = {t.untyped_storage().data_ptr() for t in filled.roots if t is not None}
+        assert not held & {b.untyped_storage().data_ptr() for b in blocks}
+    with pytest.raises(ValueError, match="n: expected 0 <= n <= 13"):
+        OnlineScan.from_upsweep(blocks, 14, agg)

@@ -1,4 +1,8 @@
-"""Sequence parallelism on CPU with gloo: logits and every gradient equal the single-process run."""
+"""Sequence parallelism on CPU with gloo: logits and every gradient equal the single-process run.
+
+The same model object runs whole and split: `apply_sequence_parallel` (the parallelize step) is the
+only thing that makes it sequence-parallel, and `whole_sequences` switches it back.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch.distributed as dist
 
 from psm_train.distributed.layout import ParallelLayout
 from psm_train.distributed.sequence import SequenceParallel, shard_sequence, slice_positions, unshard_sequence
+from psm_train.parallelize import apply_sequence_parallel
 from psm_train.models import build_model
 from psm_train.models.gla import GLAConfig
 from psm_train.models.linear_attention import LinearAttentionConfig
@@ -45,17 +50,19 @@ def _check_equal_to_single_process(rank: int, world: int, seq_len: int) -> None:
             model = build_model(name, cfg, VOCAB).to(dtype)
             tokens = torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(1))
             probe = torch.randn(2, seq_len, VOCAB, generator=torch.Generator().manual_seed(2), dtype=dtype)
-            layout = model.sequence_layout
-            model.check_sequence_parallel(seq_len, world)
+            sharding = apply_sequence_parallel(model, sp)
+            layout = sharding.layout
+            sharding.check(seq_len)
 
             model.zero_grad()
-            full = model(tokens)
+            with sharding.whole_sequences():
+                full = model(tokens)
             (full * probe).sum().backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
             model.zero_grad()
-            local = model(shard_sequence(tokens, sp, layout), sp=sp)
-            (local * shard_sequence(probe, sp, layout)).sum().backward()
+            local = model(sharding.shard(tokens), positions=sharding.positions(seq_len))
+            (local * sharding.shard(probe)).sum().backward()
             slices = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(slices, local.detach().contiguous())
             tol = TOLERANCE[dtype]
@@ -89,9 +96,9 @@ def _module_calls(rank: int, world: int) -> None:
         for qualname, module in model.named_modules():
             if any(True for _ in module.parameters(recurse=False)):
                 module.register_forward_hook(lambda m, a, o, q=qualname: count(m, a, o, q))
-        tokens = shard_sequence(torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)), sp,
-                                model.sequence_layout)
-        model(tokens, sp=sp).sum().backward()
+        sharding = apply_sequence_parallel(model, sp)
+        tokens = sharding.shard(torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)))
+        model(tokens, positions=sharding.positions(64)).sum().backward()
         every = [None] * world
         dist.all_gather_object(every, sorted(calls.items()))
         for r in range(1, world):
@@ -120,12 +127,13 @@ def _count_collectives(rank: int, world: int, counts) -> None:
     for name in ("gla", "mamba2", "transformer_psm", "transformer"):
         torch.manual_seed(0)
         model = build_model(name, MODELS[name], VOCAB).double()
-        tokens = shard_sequence(torch.randint(0, VOCAB, (1, 64)), sp, model.sequence_layout)
+        sharding = apply_sequence_parallel(model, sp)
+        tokens = sharding.shard(torch.randint(0, VOCAB, (1, 64)))
         calls.clear()
         for op in originals:
             setattr(dist, op, counting(op))
         try:
-            out = model(tokens, sp=sp)
+            out = model(tokens, positions=sharding.positions(64))
             forward = dict(calls)
             calls.clear()
             out.sum().backward()
@@ -173,9 +181,10 @@ def test_zigzag_slices_cover_the_sequence_once():
     ],
 )
 def test_misconfiguration_is_explained(name, seq_len, sp, message):
-    model = build_model(name, MODELS[name], VOCAB)
+    sharding = apply_sequence_parallel(build_model(name, MODELS[name], VOCAB), SequenceParallel(None, 0, sp))
     with pytest.raises(ValueError, match=re.escape(message)):
-        model.check_sequence_parallel(seq_len, sp)
+        sharding.check(seq_len)
+    assert not sharding.splits(seq_len)
 
 
 def test_sp_must_divide_the_world():

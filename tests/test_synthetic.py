@@ -10,7 +10,7 @@ import torch
 
 from psm_train.config import ConfigError, load_config
 from psm_train.data import build_source
-from psm_train.data.synthetic import IGNORE_INDEX, MQAR, S5, MQARConfig, S5Config, permutation_table
+from psm_train.data.synthetic import IGNORE_INDEX, MQAR, S5, MQARConfig, S5Config, distance_buckets, permutation_table
 
 MQAR_CONFIGS = [
     MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=32, power_a=0.01),  # 32 + 1 - 8 = 25: odd
@@ -18,6 +18,8 @@ MQAR_CONFIGS = [
     MQARConfig(vocab_size=10, num_kv_pairs=4, seq_len=16, power_a=0.5),  # every slot and key used
     MQARConfig(vocab_size=8192, num_kv_pairs=8, seq_len=256),
     MQARConfig(vocab_size=4, num_kv_pairs=1, seq_len=5, power_a=2.0),
+    MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=40, query_placement="uniform", filler="random"),
+    MQARConfig(vocab_size=10, num_kv_pairs=4, seq_len=16, filler="random"),  # every value used
 ]
 
 
@@ -42,13 +44,17 @@ def check_mqar_example(inputs: list[int], targets: list[int], cfg: MQARConfig) -
     for t in scored:
         assert t >= 2 * d and (t - 2 * d) % 2 == 0
         assert targets[t] == answer[inputs[t]]
-        if t + 1 < len(inputs):
+        if t + 1 < len(inputs) and cfg.filler == "zero":
             assert inputs[t + 1] == targets[t]  # the value follows its query key
         slots.append((t - 2 * d) // 2)
 
-    query_tokens = set(scored) | {t + 1 for t in scored}
-    filler = [x for t, x in enumerate(inputs) if t >= 2 * d and t not in query_tokens]
-    assert all(x == 0 for x in filler)
+    if cfg.filler == "zero":
+        query_tokens = set(scored) | {t + 1 for t in scored}
+        filler = [x for t, x in enumerate(inputs) if t >= 2 * d and t not in query_tokens]
+        assert all(x == 0 for x in filler)
+    else:  # the authors' generator: distinct values, and any token of the vocabulary around the query keys
+        assert len(set(values)) == d
+        assert all(0 <= x < cfg.vocab_size for x in inputs)
     return slots
 
 
@@ -106,6 +112,60 @@ def test_mqar_query_placement() -> None:
     assert mean_slot(0.01) < uniform / 2
 
 
+def test_mqar_uniform_placement_is_power_a_one() -> None:
+    """query_placement uniform draws exactly what power_a = 1 (p ∝ k^0) draws; the default a is 0.01."""
+    uniform = MQAR(MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=64, query_placement="uniform"))
+    a_one = MQAR(MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=64, power_a=1.0))
+    for x, y in zip(uniform.make_batch(8, 64, gen(2)), a_one.make_batch(8, 64, gen(2))):
+        assert torch.equal(x, y)
+    default = MQAR(MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=64))
+    explicit = MQAR(MQARConfig(vocab_size=64, num_kv_pairs=4, seq_len=64, power_a=0.01))
+    for x, y in zip(default.make_batch(8, 64, gen(2)), explicit.make_batch(8, 64, gen(2))):
+        assert torch.equal(x, y)
+
+
+def test_mqar_random_filler_spreads_over_the_vocabulary() -> None:
+    """Filler positions hold uniform tokens: about vocab_size / 2 of them are values, the rest keys or 0."""
+    cfg = MQARConfig(vocab_size=256, num_kv_pairs=4, seq_len=128, filler="random")
+    inputs, targets = MQAR(cfg).make_batch(64, 128, gen(0))
+    filler = inputs[:, 8:][targets[:, 8:] == IGNORE_INDEX]
+    assert filler.unique().numel() > 250
+    assert abs(float((filler >= 128).double().mean()) - 0.5) < 0.03
+
+
+def test_mqar_key_positions() -> None:
+    """Every scored position's key position points at its key in the context, and its value follows that key."""
+    for cfg in MQAR_CONFIGS:
+        task = MQAR(cfg)
+        inputs, targets = task.make_batch(16, cfg.seq_len, gen(5))
+        keys = task.key_positions(inputs, targets)
+        assert keys.shape == targets.shape and keys.dtype == torch.int64
+        scored = targets != IGNORE_INDEX
+        assert bool((keys[~scored] == -1).all())
+        rows, cols = scored.nonzero(as_tuple=True)
+        at = keys[rows, cols]
+        assert bool((at < 2 * cfg.num_kv_pairs).all()) and bool((at % 2 == 0).all())
+        assert torch.equal(inputs[rows, at], inputs[rows, cols])
+        assert torch.equal(inputs[rows, at + 1], targets[rows, cols])
+    bad = targets.clone()
+    bad[0, 1] = 5  # position 1 holds a value, no key
+    with pytest.raises(ValueError, match="key_positions"):
+        task.key_positions(inputs, bad)
+
+
+def test_distance_buckets_by_hand() -> None:
+    """Queries at 4, 10, 16, 20 with keys at 2, 0, 2, 0: buckets by chunk 8 and by chunk 4."""
+    keys = torch.full((24,), -1)
+    keys[[4, 10, 16, 20]] = torch.tensor([2, 0, 2, 0])
+    by8 = distance_buckets(keys, 8)
+    assert by8[[4, 10, 16, 20]].tolist() == [0, 1, 2, 2]
+    assert distance_buckets(keys, 4)[[4, 10, 16, 20]].tolist() == [1, 2, 2, 2]
+    assert distance_buckets(keys, 64)[[4, 10, 16, 20]].tolist() == [0, 0, 0, 0]
+    assert bool((by8[keys < 0] == -1).all())
+    with pytest.raises(ValueError, match="chunk"):
+        distance_buckets(keys, 0)
+
+
 def test_mqar_query_order_is_uniform() -> None:
     """The first context key is queried before the second half of the time.
 
@@ -142,6 +202,10 @@ def _timed(fn) -> float:
         (dict(seq_len=31, num_kv_pairs=8), "seq_len"),
         (dict(power_a=0.0), "power_a"),
         (dict(power_a=-1.0), "power_a"),
+        (dict(query_placement="uniform", power_a=0.5), "power_a"),
+        (dict(query_placement="spread"), "query_placement"),
+        (dict(filler="noise"), "filler"),
+        (dict(distance_chunk=-1), "distance_chunk"),
         (dict(eval_seq_lens=[512, 16]), "eval_seq_lens"),
     ],
 )

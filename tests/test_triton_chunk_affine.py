@@ -180,6 +180,54 @@ def test_forced_triton_on_cpu_needs_interpreter(monkeypatch):
         chunk_affine(q, q, q, q[..., :1], chunk_size=16, backend="triton")
 
 
+def small_inputs(decay, *, requires_grad=True):
+    """fp32 q, k, v, g, h0 on DEVICE: two kernel chunks (T 20 at chunk 16), small enough for opcheck's reruns."""
+    (q, k, v, g, s0), _ = make(decay, 20)
+    return [x.float().to(DEVICE).requires_grad_(requires_grad) for x in (q, k, v, g, s0)]
+
+
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_opcheck_forward(decay, with_initial):
+    """The registered forward op: schema, autograd registration, fake (meta) shapes and strides
+    against the real outputs, and AOT dispatch with dynamic shapes (which runs the backward op)."""
+    from psm_train.kernels.chunk_affine.triton_op import chunk_affine_fwd
+
+    q, k, v, g, s0 = small_inputs(decay)
+    torch.library.opcheck(chunk_affine_fwd, (q, k, v, g, s0 if with_initial else None, 16))
+
+
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+@pytest.mark.parametrize("with_grads", [False, True])
+def test_opcheck_backward(decay, with_grads):
+    """The registered backward op (not differentiable itself), with the output gradients given or absent (None)."""
+    from psm_train.kernels.chunk_affine.triton_op import chunk_affine_bwd, chunk_affine_fwd
+
+    q, k, v, g, s0 = small_inputs(decay, requires_grad=False)
+    o, ht, h, gc, a = chunk_affine_fwd(q, k, v, g, s0, 16)
+    do, dht = (torch.randn_like(o), torch.randn_like(ht)) if with_grads else (None, None)
+    torch.library.opcheck(chunk_affine_bwd, (q, k, v, gc if decay == "diagonal" else g, h, ht, a, do, dht, 16))
+
+
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+def test_compiles_without_graph_break(decay):
+    """torch.compile(fullgraph=True) of a function calling chunk_affine on the Triton path traces
+    the op into one graph (a graph break would raise), and gives the eager outputs and gradients."""
+
+    def loss(q, k, v, g, s0):
+        o, s = chunk_affine(q, k, v, g, chunk_size=16, initial_state=s0, backend="triton")
+        return (o * o).sum() + s.sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        xs = small_inputs(decay)
+        value = fn(*xs)
+        value.backward()
+        results.append([value.detach(), *(x.grad for x in xs)])
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["gla", "retnet"])
 def test_model_kernel_switch(name):
     """AffineLMConfig.kernel reaches chunk_affine: the same model under both backends agrees."""

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
+
+from isolated_run import OOM  # tools/ is on the path when this script runs
 
 from psm_train.kernels.attention import attention, flash_attn_func
 
@@ -55,6 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
     rows = []
     for label, B, H, L, D, causal in SHAPES:
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -68,8 +73,11 @@ def main() -> None:
                     return_mode="median",
                 )
                 row.update(ms=ms, tflops=flops / ms / 1e9)
-            except RuntimeError as e:
+            except torch.OutOfMemoryError:
+                row["error"] = OOM
+            except RuntimeError as e:  # a backend that refuses the shape
                 row["error"] = str(e).splitlines()[0][:100]
+            torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 """What an asynchronous sharded save costs the training loop: step time with and without saving.
 
     python tools/bench_checkpoint.py --d-model 1024 --layers 8 --steps 12 --save-every 3 --json bench_checkpoint.json
+    python tools/bench_checkpoint.py --device cuda ...   # the state is staged through reused pinned buffers
 
 One process, the trainer's own pieces: a transformer LM, the torch engine (AdamW), and
 `CheckpointStore` saving the engine's canonical state (fp32 parameters and both AdamW moments)
@@ -34,18 +35,20 @@ VOCAB = 8192
 
 
 def train_steps(engine: TorchEngine, steps: int, batch: int, seq_len: int, store: CheckpointStore | None,
-                save_every: int) -> tuple[list[float], list[float]]:
+                save_every: int, device: torch.device) -> tuple[list[float], list[float]]:
     """Step times (a saving step includes its save() call) and the blocked time of each save."""
     generator = torch.Generator().manual_seed(0)
     step_times, blocked = [], []
     for step in range(1, steps + 1):
-        tokens = torch.randint(0, VOCAB, (batch, seq_len + 1), generator=generator)
+        tokens = torch.randint(0, VOCAB, (batch, seq_len + 1), generator=generator).to(device)
         started = time.perf_counter()
         logits = engine.forward(tokens[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         engine.step(1e-4)
         if store is not None and step % save_every == 0:
             blocked.append(store.save(step, engine.canonical_shard(), {"step": step}))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - started)
     if store is not None:
         store.wait()
@@ -61,23 +64,25 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--save-every", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     ap.add_argument("--json", default="bench_checkpoint.json")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model = build_model("transformer", TransformerConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads),
-                        VOCAB)
+                        VOCAB).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = TorchEngine(model, TrainConfig(device="cpu"))
+    device = torch.device(args.device)
+    engine = TorchEngine(model, TrainConfig(device=device.type))
     print(f"transformer d {args.d_model} x {args.layers} layers: {n_params / 1e6:.1f}M parameters; "
           f"{args.steps} steps of {args.batch} x {args.seq_len} tokens per pass", flush=True)
 
-    plain, _ = train_steps(engine, args.steps, args.batch, args.seq_len, None, args.save_every)
+    plain, _ = train_steps(engine, args.steps, args.batch, args.seq_len, None, args.save_every, device)
     print(f"without saving: {statistics.mean(plain[1:]):.3f} s/step", flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         store = CheckpointStore(Path(tmp) / "checkpoints", 0, 1, keep_last=1)
-        saving, blocked = train_steps(engine, args.steps, args.batch, args.seq_len, store, args.save_every)
+        saving, blocked = train_steps(engine, args.steps, args.batch, args.seq_len, store, args.save_every, device)
         store.close()
         write_s = store.write_seconds
         state_bytes = sum(f.stat().st_size for f in (Path(tmp) / "checkpoints").glob("step_*/*"))

@@ -14,6 +14,10 @@ TFLOP/s counts the chunkwise algorithm's matmuls at chunk C = 64 (per token and 
 at the measured bf16 matmul rate (790 TFLOP/s) and the minimal HBM traffic (q, k, v, g read and o
 written forward; q, k, v, g, dO read and dq, dk, dv, dg written backward; per-chunk states not
 counted) at the measured copy bandwidth (4.3 TB/s).
+
+Each shape (decay, D, T) runs in a process of its own (tools/isolated_run.py), limited to
+--shape-timeout seconds including compilation and autotuning: an out-of-memory error or the limit
+becomes an error row ("oom", "timeout after N s") and the next shape starts with an empty GPU.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+
+from isolated_run import OOM, run_isolated, write_result  # tools/ is on the path when this script runs
 
 from psm_train.kernels.chunk_affine.reference import chunk_affine_ref
 from psm_train.kernels.chunk_affine.triton_op import chunk_affine_triton
@@ -95,6 +102,49 @@ def write(path: str, meta: dict, rows: list[dict]) -> None:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
+def measure_shape(decay: str, D: int, T: int, args: argparse.Namespace) -> list[dict]:
+    """One row per implementation at this shape; a failure (an OOM, a peer's refusal) is a row's error."""
+    impls = {"triton": ours(args.chunk), "fla": fla_impl(decay), "reference": reference}
+    if decay == "scalar":
+        impls["fla_chunk_gla"] = fla_impl("scalar_as_diagonal")
+    xs, do = make_inputs(decay, T, D, args.batch, args.heads)
+    flops, _, bound = cost(decay, T, D, args.batch * args.heads)
+    o_ours = impls["triton"](*xs).float()
+    rows = []
+    for name, fn in impls.items():
+        if fn is None or (name == "reference" and T > args.ref_max_len):
+            continue
+        row = dict(decay=decay, D=D, T=T, impl=name, roofline_ms=bound)
+        try:  # forward and backward separately: a peer may refuse only its backward
+            o = fn(*xs).float()
+            row["rel_diff_vs_triton"] = ((o - o_ours).norm() / o_ours.norm()).item()
+            row["fwd_ms"] = time_fwd(fn, xs)
+            row["fwdbwd_ms"] = time_fwdbwd(fn, xs, do)
+            row["tflops"] = flops / row["fwdbwd_ms"] / 1e9
+            row["x_roofline"] = row["fwdbwd_ms"] / bound
+        except torch.OutOfMemoryError:
+            row["error"] = OOM
+        except Exception as e:  # a peer's refusal is a result too
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def measure_isolated(decay: str, D: int, T: int, args: argparse.Namespace) -> list[dict]:
+    """`measure_shape` in a child process (this script with --one) under --shape-timeout."""
+    cmd = [
+        sys.executable, __file__, "--one", decay, str(D), str(T), "--batch", str(args.batch), "--heads", str(args.heads),
+        "--ref-max-len", str(args.ref_max_len), "--chunk", str(args.chunk),
+    ]
+    rows, error = run_isolated(cmd, args.shape_timeout)
+    if rows is None:
+        rows = [dict(decay=decay, D=D, T=T, impl="all", error=error)]
+        print(json.dumps(rows[0]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
@@ -106,11 +156,21 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64,
                     help="our kernels' chunk size (scalar decay; a power of two in 16..128); the roofline stays at 64")
     ap.add_argument("--budget-s", type=float, default=600.0, help="start no new shape after this many seconds")
+    ap.add_argument("--shape-timeout", type=float, default=600.0,
+                    help="wall-clock limit in seconds of one shape, compilation and autotuning included")
     ap.add_argument("--out", default="bench_scan.json")
     ap.add_argument("--warm-only", action="store_true",
                     help="run every implementation's fwd+bwd once at the first length (compile and autotune into the "
                          "Triton cache, e.g. one process per decay and D in parallel before the timed run), no timing")
+    ap.add_argument("--one", nargs=3, metavar=("DECAY", "D", "T"), help=argparse.SUPPRESS)  # the child of measure_isolated
+    ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_scan.py needs a CUDA GPU")
+    if args.one:
+        decay, D, T = args.one[0], int(args.one[1]), int(args.one[2])
+        write_result(args.row_out, measure_shape(decay, D, T, args))
+        return
     if args.warm_only:
         for D in args.dims:
             for decay in args.decays:
@@ -142,35 +202,12 @@ def main() -> None:
     start, rows = time.time(), []
     for D in args.dims:
         for decay in args.decays:
-            impls = {"triton": ours(args.chunk), "fla": fla_impl(decay), "reference": reference}
-            if decay == "scalar":
-                impls["fla_chunk_gla"] = fla_impl("scalar_as_diagonal")
             for T in args.seq_lens:
                 if time.time() - start > args.budget_s:
                     print(f"time budget spent: skipped {decay} D={D} T={T}", flush=True)
                     continue
-                xs, do = make_inputs(decay, T, D, args.batch, args.heads)
-                flops, nbytes, bound = cost(decay, T, D, args.batch * args.heads)
-                o_ours = impls["triton"](*xs).float()
-                for name, fn in impls.items():
-                    if fn is None or (name == "reference" and T > args.ref_max_len):
-                        continue
-                    row = dict(decay=decay, D=D, T=T, impl=name, roofline_ms=bound)
-                    try:  # forward and backward separately: a peer may refuse only its backward
-                        o = fn(*xs).float()
-                        row["rel_diff_vs_triton"] = ((o - o_ours).norm() / o_ours.norm()).item()
-                        row["fwd_ms"] = time_fwd(fn, xs)
-                        row["fwdbwd_ms"] = time_fwdbwd(fn, xs, do)
-                        row["tflops"] = flops / row["fwdbwd_ms"] / 1e9
-                        row["x_roofline"] = row["fwdbwd_ms"] / bound
-                    except Exception as e:  # an OOM or a peer's refusal is a result too
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    torch.cuda.empty_cache()
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    write(args.out, meta, rows)
-                del xs, do, o_ours
-                torch.cuda.empty_cache()
+                rows.extend(measure_isolated(decay, D, T, args))
+                write(args.out, meta, rows)
 
     print(f"\n{meta}")
     print("| decay | D | T | impl | fwd ms | fwd+bwd ms | TFLOP/s | roofline ms | × roofline | fastest fla / ours (fwd, fwd+bwd) | rel diff vs triton |")

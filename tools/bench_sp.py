@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from psm_train.config import TrainConfig
 from psm_train.distributed.env import init_distributed
 from psm_train.distributed.layout import ParallelLayout
-from psm_train.distributed.sequence import shard_sequence
 from psm_train.models import MODELS, build_model
+from psm_train.parallelize import apply_sequence_parallel
 from psm_train.train.engine import TorchEngine
 
 VOCAB = 8192
@@ -92,12 +91,13 @@ def worker(args: argparse.Namespace) -> None:
         name, kw = model_specs(args.d_model, args.layers, args.heads, args.chunk)[label]
         torch.manual_seed(0)
         model = build_model(name, MODELS[name][0](**kw), VOCAB).to(device)
+        sharding = apply_sequence_parallel(model, sp)
         engine = TorchEngine(model, TrainConfig(device=device.type))
         seq_len = args.tokens_per_rank * layout.sp
-        model.check_sequence_parallel(seq_len, layout.sp)
+        sharding.check(seq_len)
         data = torch.randint(0, VOCAB, (1, seq_len + 1), generator=torch.Generator().manual_seed(1)).to(device)
-        inputs = shard_sequence(data[:, :-1], sp, model.sequence_layout)
-        targets = shard_sequence(data[:, 1:], sp, model.sequence_layout)
+        inputs, targets = sharding.shard(data[:, :-1]), sharding.shard(data[:, 1:])
+        positions = sharding.positions(seq_len).to(device) if sp is not None else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         step_s, exchange_s = [], []
         for step in range(args.warmup + args.steps):
@@ -105,8 +105,8 @@ def worker(args: argparse.Namespace) -> None:
             timer.sync()
             started = time.perf_counter()
             with autocast:
-                logits = engine.forward(inputs, sp=sp)
-            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+                loss = engine.forward(inputs, positions=positions, targets=targets)
+            engine.backward(loss / targets.numel())
             timer.active = False
             engine.step(1e-4)
             timer.sync()

@@ -7,7 +7,7 @@ Each kernel is compiled as a launch would compile it (bf16 tensors unless --dtyp
 pointers and T divisible by 16) for every config in its autotuning list that its pruner keeps,
 or --max-configs of them. Registers and spills come from cuobjdump, the loads from the PTX: a
 tile load that is not 16 bytes wide is usually a sign that the compiler could not vectorize it
-(docs/benchmarks.md, eighth pass, found the state passes' 4-byte copies this way). Load and ex2
+(the state passes' 4-byte copies were found this way). Load and ex2
 counts are instructions in the PTX, per thread: a loop's body counts once, and a pipelined load
 once more in the loop's prologue.
 """

@@ -1,5 +1,5 @@
-"""Figures and tables of docs/results.md from the run directories of tools/bench_results.py and
-the JSON of tools/bench_generation.py.
+"""Figures and tables of docs/results.md from the output directories of `psm-train sweep` (the
+results sweeps in configs/sweeps/results_*.yaml) and the JSON of tools/bench_generation.py.
 
     python tools/plot_results.py --runs RESULTS_DIR [RESULTS_DIR ...] --generation bench_generation.json --out-dir docs
 
@@ -39,23 +39,46 @@ LM_NAMES = {"transformer": "Transformer", "psm_c32": "Transformer-PSM c=32", "ps
             "psm_c128": "Transformer-PSM c=128", "psm_c256": "Transformer-PSM c=256", "gla": "GLA"}
 
 
+def _sweep_runs(d: Path) -> dict[str, dict]:
+    """{member directory name: what the old runner's summary.json held} for a sweep's output directory."""
+    out = {}
+    for rd in sorted(p for p in d.iterdir() if (p / "config.yaml").is_file()):
+        config = yaml.safe_load((rd / "config.yaml").read_text()) or {}
+        elapsed = [r["elapsed_s"] for r in _metrics(rd) if "elapsed_s" in r]
+        out[rd.name] = {"steps": config.get("train", {}).get("steps", "?"), "wall_s": elapsed[-1] if elapsed else 0}
+    return out
+
+
+def _metrics(rd: Path) -> list[dict]:
+    path = rd / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def _params(rd: Path) -> float | None:
+    """Millions of parameters: from summary.json, else the trainer's first line in its log."""
+    if (rd / "summary.json").is_file():
+        return json.loads((rd / "summary.json").read_text())["n_params"] / 1e6
+    for log in [rd / "log.txt", *sorted(rd.glob("logs/*_0_log.out"))]:
+        if log.is_file():
+            m = re.search(r"with ([\d.]+)M parameters", log.read_text())
+            if m:
+                return float(m.group(1))
+    return None
+
+
 def load_runs(dirs: list[Path]) -> dict[str, dict]:
-    """{run name: {"eval", "metrics", "summary", "params", "config"}} over every result dir."""
+    """{run name: {"eval", "metrics", "summary", "params", "config"}} over every result dir: a sweep's out_dir
+    (`psm-train sweep`; run names are the member directories) or an old tools/bench_results.py directory."""
     runs = {}
     for d in dirs:
-        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {"runs": {}}
-        for name, info in summary["runs"].items():
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
+        for name, info in (summary["runs"] if summary else _sweep_runs(d)).items():
             rd = d / name
-            run = dict(summary=info, eval=None, metrics=[], params=None, config={})
+            run = dict(summary=info, eval=None, metrics=_metrics(rd), params=_params(rd), config={})
             if (rd / "config.yaml").is_file():
                 run["config"] = yaml.safe_load((rd / "config.yaml").read_text())
             if (rd / "eval.json").is_file():
                 run["eval"] = json.loads((rd / "eval.json").read_text())
-            if (rd / "metrics.jsonl").is_file():
-                run["metrics"] = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            if (rd / "log.txt").is_file():
-                m = re.search(r"with ([\d.]+)M parameters", (rd / "log.txt").read_text())
-                run["params"] = float(m.group(1)) if m else None
             runs[name] = run
     return runs
 
@@ -360,7 +383,8 @@ def generation(paths: list[Path], png: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", type=Path, default=[],
-                    help="output dirs of tools/bench_results.py; each is one experiment (one S5 panel, one set of MQAR rows)")
+                    help="sweep output dirs (or of the former tools/bench_results.py); each is one experiment "
+                         "(one S5 panel, one set of MQAR rows)")
     ap.add_argument("--generation", nargs="*", type=Path, default=[],
                     help="JSONs of tools/bench_generation.py (for a point measured in several, the first file wins)")
     ap.add_argument("--out-dir", type=Path, default=Path("docs"))

@@ -60,6 +60,11 @@ def chunk_affine(
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [B, T, H, K] or [B, T, H, 1];
     initial_state: [B, H, K, V] or None (zeros). Returns o [B, T, H, V] (v's dtype) and the
     final state [B, H, K, V] (float32, or float64 for float64 inputs).
+    chunk_size: the chunk length of the reference path. Every chunk length computes the same
+    function (only rounding differs), so the Triton path takes it as a hint only
+    (`triton_op.kernel_chunk`): scalar decay runs with chunk_size rounded up to a power of two and
+    clamped to [16, 128]; diagonal decay always runs with chunks of 64 (sub-chunks of 16), which
+    its tiles are built for.
     backend: 'auto', 'triton' or 'reference' (see `resolve_backend`); both give the same function
     and the same carry, so callers (the sequence-parallel exchange) need not know which ran.
     """

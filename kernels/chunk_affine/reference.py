@@ -13,7 +13,7 @@ autocast switched off inside, as a Triton kernel would; o comes back in v's dtyp
 the accumulation dtype.
 
 - `chunk_affine_ref`: the chunkwise form a kernel implements, with the carry across chunks done
-  by the affine combine of `psm_train.scan.affine`.
+  by the affine combine of `combine`.
 - `recurrent_affine_ref`: token by token, the independent check of the chunkwise form.
 - `affine_step`: one token, for generation.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from psm_train.scan.affine import apply
+from psm_train.kernels.chunk_affine.combine import apply
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,7 +49,7 @@ def chunk_affine_ref(
     token i: o_i = sum_{j ≤ i} ((q_i ⊙ exp(b_i - b_j)) · k_j) v_j + S_in^T (q_i ⊙ exp(b_i)).
     Each chunk is also the affine element (b_C, sum_j (k_j ⊙ exp(b_C - b_j)) v_j^T): its total
     log decay and the state it produces from a zero incoming state. Applying those elements in
-    order (`psm_train.scan.affine.apply`, the combine with a state) gives every chunk's S_in.
+    order (`combine.apply`, the combine with a state) gives every chunk's S_in.
     """
     b, t, h, _ = q.shape
     out_dtype, acc = v.dtype, _accumulation_dtype(v)

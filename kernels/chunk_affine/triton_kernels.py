@@ -526,7 +526,7 @@ def decay_grad(
     """dg[b, t, h] = Σ_{s ≥ t} Σ_j db[j, b, s, h] over [W] columns (float32): the decay gradient as the
     reverse cumulative sum over the sequence of the per-token terms, summed over NK slabs (the
     scalar-decay K blocks). Per (column block, batch·head), a loop from the last rows to the first;
-    torch's cumsum over that outer dim took 29-46% of the whole fwd+bwd (docs/benchmarks.md)."""
+    torch's cumsum over that outer dim was a large share of the whole fwd+bwd."""
     i_w, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     rw, rt = i_w * BW + tl.arange(0, BW), tl.arange(0, BT)

@@ -2,9 +2,14 @@
 
 Same contract as `reference.chunk_affine_ref`. The chunk the kernels use is an implementation
 detail: every chunk size computes the same function (only rounding differs), so the kernels pick
-what their tiles need. Scalar decay runs with the requested chunk size when it is a power of two
-in [16, 128] and with the nearest one otherwise; diagonal decay always runs with C = 64 in
-sub-chunks of 16 (see the `triton_kernels` module docstring).
+what their tiles need (`kernel_chunk`). Scalar decay runs with the requested chunk size rounded up
+to a power of two and clamped to [16, 128]; diagonal decay always runs with C = 64 in sub-chunks
+of 16 (see the `triton_kernels` module docstring).
+
+The launches sit in two torch.library custom ops, `psm_train::chunk_affine_fwd` and
+`psm_train::chunk_affine_bwd`, tied together by `register_autograd`: torch.compile sees each as one
+opaque op with a fake implementation for its shapes, so a compiled block keeps chunk_affine in its
+graph. The forward op returns its backward's residuals as extra outputs, marked non-differentiable.
 
 Diagonal decay: every kernel loads the chunk-local cumulative log decay gc ([B, T, H, K],
 float32) that `triton_kernels.chunk_cumsum` writes once in the forward; the forward keeps gc for
@@ -12,7 +17,8 @@ the backward in place of g (float32: the size of a float32 g, twice that of a bf
 
 Backward. The forward keeps its per-chunk states ([B, H, T/C, K, V] in the input dtype: K·V/C
 values per token and head, 2× v's size at K = V = 128, C = 64) and, for diagonal decay, its
-float32 score matrices ([B, T, H, C]); recomputing the states took 12% of the scalar fwd+bwd time.
+float32 score matrices ([B, T, H, C]): recomputing the states in the backward cost more time than
+the memory saved was worth.
 Diagonal decay forms dA = do vᵀ once per chunk (`dscores_diag`, float32 [B, T, H, C]) for the
 dq/dk kernel.
 The decay gradient comes from the other gradients: with B_t the cumulative log decay from the
@@ -88,75 +94,143 @@ def _states(k, v, g, h0, m):
     return h, ht
 
 
-class _ChunkAffine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, h0, chunk_size):
-        m = _meta(q, v, g, chunk_size)
-        b = _chunk_cumsum(g, m) if m["DIAG"] else g
-        h, ht = _states(k, v, b, h0, m)
-        a = None
-        if m["DIAG"]:
-            a = q.new_empty(m["B"], m["T"], m["H"], m["C"], dtype=torch.float32)
-            ns = m["C"] // DIAG_SUB
-            kern.scores_inter_diag[(ns * ns, m["N"], m["B"] * m["H"])](
-                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
-            )
-            kern.scores_own_diag[(ns, m["N"], m["B"] * m["H"])](
-                q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, KP=_pow2(m["K"]),
-            )
-        o = torch.empty_like(v)
-        kern.out_fwd[lambda meta: (triton.cdiv(m["V"], meta["BV"]), m["N"], m["B"] * m["H"])](
-            q, k, v, b, h, q if a is None else a, o, m["T"],
-            H=m["H"], K=m["K"], V=m["V"], C=m["C"], DIAG=m["DIAG"], PREC=m["PREC"],
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """Stands in for a residual that scalar decay does not have (a custom op returns tensors only)."""
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("psm_train::chunk_affine_fwd", mutates_args=())
+def chunk_affine_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: torch.Tensor | None, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o [B, T, H, V], the final state ht [B, H, K, V] (float32), and the residuals of the
+    backward: the per-chunk states h [B, H, N, K, V], and for diagonal decay gc and the scores a
+    (float32 [B, T, H, K] and [B, T, H, C]; empty for scalar decay). q and k in v's dtype."""
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    h0 = h0.contiguous() if h0 is not None else None
+    m = _meta(q, v, g, chunk_size)
+    b = _chunk_cumsum(g, m) if m["DIAG"] else g
+    h, ht = _states(k, v, b, h0, m)
+    a = None
+    if m["DIAG"]:
+        a = q.new_empty(m["B"], m["T"], m["H"], m["C"], dtype=torch.float32)
+        ns = m["C"] // DIAG_SUB
+        kern.scores_inter_diag[(ns * ns, m["N"], m["B"] * m["H"])](
+            q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
         )
-        ctx.save_for_backward(q, k, v, b, h0, h, ht, a)
-        ctx.chunk_size, ctx.g_dtype = chunk_size, g.dtype
-        ctx.set_materialize_grads(False)
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, b, h0, h, ht, a = ctx.saved_tensors  # b: g, or gc for diagonal decay (g's shape)
-        m = _meta(q, v, b, ctx.chunk_size)
-        B, T, H, K, V, N = m["B"], m["T"], m["H"], m["K"], m["V"], m["N"]
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-
-        dh = torch.empty_like(h)
-        dh0 = q.new_empty(B, H, K, V, dtype=torch.float32)
-        kern.state_bwd[_state_grid(m)](
-            q, do, b, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
-            H=H, K=K, V=V, C=m["C"], DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
+        kern.scores_own_diag[(ns, m["N"], m["B"] * m["H"])](
+            q, k, b, a, m["T"], H=m["H"], K=m["K"], C=m["C"], S=DIAG_SUB, KP=_pow2(m["K"]),
         )
-        BK, BV = host_block(K), host_block(V)
+    o = torch.empty_like(v)
+    kern.out_fwd[lambda meta: (triton.cdiv(m["V"], meta["BV"]), m["N"], m["B"] * m["H"])](
+        q, k, v, b, h, q if a is None else a, o, m["T"],
+        H=m["H"], K=m["K"], V=m["V"], C=m["C"], DIAG=m["DIAG"], PREC=m["PREC"],
+    )
+    if not m["DIAG"]:
+        return o, ht, h, _empty(q), _empty(q)
+    return o, ht, h, b, a
 
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
-        nk = 1 if m["DIAG"] else triton.cdiv(K, BK)
-        db = torch.empty(nk, *b.shape, dtype=torch.float32, device=b.device)
-        if m["DIAG"]:
-            da = torch.empty(B, T, H, m["C"], dtype=torch.float32, device=v.device)
-            kern.dscores_diag[(N, B * H)](v, do, da, T, H=H, V=V, C=m["C"], PREC=m["PREC"])
-            grid = lambda meta: (m["C"] // DIAG_SUB * triton.cdiv(K, meta["BK"]), N, B * H)  # noqa: E731
-            kern.dqk_bwd_diag[grid](
-                q, k, v, b, h, do, dh, da, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
-            )
-        else:
-            kern.dqk_bwd_scalar[(nk, N, B * H)](
-                q, k, v, b, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
-            )
-        kern.dv_bwd[(triton.cdiv(V, BV), N, B * H)](
-            q, k, b, q if a is None else a, dh, do, dv, T,
-            H=H, K=K, V=V, C=m["C"], BV=BV, DIAG=m["DIAG"], PREC=m["PREC"],
+
+@chunk_affine_fwd.register_fake
+def _(q, k, v, g, h0, chunk_size):
+    B, T, H, K = q.shape
+    V, diag = v.shape[-1], g.shape[-1] != 1
+    C = kernel_chunk(chunk_size, diag)
+    o = v.new_empty(B, T, H, V)
+    ht = v.new_empty(B, H, K, V, dtype=torch.float32)
+    h = v.new_empty(B, H, (T + C - 1) // C, K, V)
+    if not diag:
+        return o, ht, h, _empty(q), _empty(q)
+    return o, ht, h, g.new_empty(B, T, H, K, dtype=torch.float32), q.new_empty(B, T, H, C, dtype=torch.float32)
+
+
+@torch.library.custom_op("psm_train::chunk_affine_bwd", mutates_args=())
+def chunk_affine_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    ht: torch.Tensor,
+    a: torch.Tensor,
+    do: torch.Tensor | None,
+    dht: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (their inputs' dtypes), dg and dh0 (float32) from the forward's inputs and
+    residuals (b: g, or gc for diagonal decay) and the gradients of o and ht (None: zero)."""
+    q, k, v, b, h, ht, a = (x.contiguous() for x in (q, k, v, b, h, ht, a))
+    m = _meta(q, v, b, chunk_size)
+    B, T, H, K, V, N = m["B"], m["T"], m["H"], m["K"], m["V"], m["N"]
+    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+
+    dh = torch.empty_like(h)
+    dh0 = q.new_empty(B, H, K, V, dtype=torch.float32)
+    kern.state_bwd[_state_grid(m)](
+        q, do, b, dht.float().contiguous() if dht is not None else dh0, dh, dh0, T,
+        H=H, K=K, V=V, C=m["C"], DIAG=m["DIAG"], USE_DHT=dht is not None, PREC=m["PREC"],
+    )
+    BK, BV = host_block(K), host_block(V)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # dL/dB_t, for scalar decay in one slab per K block (summed by decay_grad)
+    nk = 1 if m["DIAG"] else triton.cdiv(K, BK)
+    db = torch.empty(nk, *b.shape, dtype=torch.float32, device=b.device)
+    if m["DIAG"]:
+        da = torch.empty(B, T, H, m["C"], dtype=torch.float32, device=v.device)
+        kern.dscores_diag[(N, B * H)](v, do, da, T, H=H, V=V, C=m["C"], PREC=m["PREC"])
+        grid = lambda meta: (m["C"] // DIAG_SUB * triton.cdiv(K, meta["BK"]), N, B * H)  # noqa: E731
+        kern.dqk_bwd_diag[grid](
+            q, k, v, b, h, do, dh, da, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], S=DIAG_SUB, PREC=m["PREC"],
         )
+    else:
+        kern.dqk_bwd_scalar[(nk, N, B * H)](
+            q, k, v, b, h, do, dh, dq, dk, db, T, H=H, K=K, V=V, C=m["C"], BK=BK, PREC=m["PREC"],
+        )
+    kern.dv_bwd[(triton.cdiv(V, BV), N, B * H)](
+        q, k, b, q if not m["DIAG"] else a, dh, do, dv, T,
+        H=H, K=K, V=V, C=m["C"], BV=BV, DIAG=m["DIAG"], PREC=m["PREC"],
+    )
 
-        if dht is not None:  # the final state's e^{B_T} factor
-            end = (ht * dht.float()).sum(-1)  # [B, H, K]
-            db[0, :, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
-        dg = torch.empty(b.shape, dtype=torch.float32, device=b.device)
-        W = b.shape[-1]
-        kern.decay_grad[lambda meta: (triton.cdiv(W, meta["BW"]), B * H)](db, dg, T, NK=nk, H=H, W=W)
-        dh0 = dh0.to(h0.dtype) if h0 is not None else None
-        return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None
+    if dht is not None:  # the final state's e^{B_T} factor
+        end = (ht * dht.float()).sum(-1)  # [B, H, K]
+        db[0, :, -1] += end if m["DIAG"] else end.sum(-1, keepdim=True)
+    dg = torch.empty(b.shape, dtype=torch.float32, device=b.device)
+    W = b.shape[-1]
+    kern.decay_grad[lambda meta: (triton.cdiv(W, meta["BW"]), B * H)](db, dg, T, NK=nk, H=H, W=W)
+    return dq, dk, dv, dg, dh0
+
+
+@chunk_affine_bwd.register_fake
+def _(q, k, v, b, h, ht, a, do, dht, chunk_size):
+    B, _, H, K = q.shape
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        b.new_empty(b.shape, dtype=torch.float32),
+        q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, h0, chunk_size = inputs
+    _, ht, h, gc, a = output
+    diag = g.shape[-1] != 1
+    ctx.save_for_backward(q, k, v, gc if diag else g, h, ht, a)
+    ctx.chunk_size, ctx.g_dtype, ctx.h0_dtype = chunk_size, g.dtype, None if h0 is None else h0.dtype
+    ctx.mark_non_differentiable(h, gc, a)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, do, dht, *_residual_grads):
+    q, k, v, b, h, ht, a = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = chunk_affine_bwd(q, k, v, b, h, ht, a, do, dht, ctx.chunk_size)
+    dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+    return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None
+
+
+chunk_affine_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_affine_triton(
@@ -174,7 +248,7 @@ def chunk_affine_triton(
     """
     if max(q.shape[-1], v.shape[-1]) > MAX_TRITON_DIM:
         raise ValueError(f"Triton kernels take head dims up to {MAX_TRITON_DIM}, got K={q.shape[-1]}, V={v.shape[-1]}")
-    q, k, v, g = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, log_decay))
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     with torch.autocast(q.device.type, enabled=False):
-        return _ChunkAffine.apply(q, k, v, g, h0, chunk_size)
+        o, ht, *_residuals = chunk_affine_fwd(q.to(v.dtype), k.to(v.dtype), v, log_decay, h0, chunk_size)
+    return o, ht

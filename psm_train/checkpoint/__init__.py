@@ -6,6 +6,6 @@ This layer knows nothing about models, optimizers or DeepSpeed: the trainer hand
 at any point leaves a loadable checkpoint.
 """
 
-from psm_train.checkpoint.store import CheckpointError, CheckpointStore, StoredCheckpoint
+from psm_train.checkpoint.store import CheckpointError, CheckpointStore, CheckpointWriteError, StoredCheckpoint
 
-__all__ = ["CheckpointError", "CheckpointStore", "StoredCheckpoint"]
+__all__ = ["CheckpointError", "CheckpointStore", "CheckpointWriteError", "StoredCheckpoint"]

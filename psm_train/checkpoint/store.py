@@ -14,6 +14,17 @@ writes it and drops a ``rank{r}.done`` record. Rank 0's thread waits on the file
 rank's record, writes the manifest, renames the directory into place and applies retention. So
 publishing needs no collective and a crash at any point leaves either the old set of checkpoints
 or the new one, never a half-written ``step_*`` directory that load() would trust.
+
+The copy goes into CPU buffers allocated by the first save and reused by later ones (pinned for
+CUDA tensors: the device-to-host copies are issued asynchronously and waited for once).
+
+A failed background write (a full disk, say) is printed on stderr at once, with the step and the
+path, leaves a ``rank{r}.failed`` record instead of ``.done`` (so rank 0 gives up at once instead of
+waiting for it), and is raised as CheckpointWriteError by the next save() or check(), unless the
+store was made with on_save_error='continue'.
+
+A checkpoint whose meta holds ``"finite": false`` is never loaded by load() and never counts
+towards keep_last, so a run whose state went non-finite cannot push out its last good checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from psm_train.errors import RunStopped
 
 VERSION = 1
 _STEP_DIR = re.compile(r"step_(\d{9,})")
@@ -41,6 +55,10 @@ _LEAVES = (str, int, float, bool, bytes, type(None), torch.dtype, torch.device) 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be published (a rank never finished) or does not match its manifest."""
+
+
+class CheckpointWriteError(CheckpointError, RunStopped):
+    """A background write failed; the message names the step, the path and the OS error."""
 
 
 def _crash_point(point: str, rank: int) -> None:
@@ -61,6 +79,10 @@ def _rank_file(rank: int) -> str:
 
 def _done_file(rank: int) -> str:
     return f"rank{rank:05d}.done"
+
+
+def _failed_file(rank: int) -> str:
+    return f"rank{rank:05d}.failed"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,17 +116,52 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stage(obj: Any, where: str = "shard") -> Any:
-    """Deep copy for the writer thread: tensors become detached contiguous CPU clones (a view no longer drags
-    its whole storage into the file, and training may go on updating the originals)."""
+class StagingBuffers:
+    """The CPU copies a save hands its writer thread, reused by the next save.
+
+    A tensor is copied into the buffer of its place in the shard (e.g. ``shard['engine']['params']['w']``), its
+    shape and dtype, made by the first save that needed it: pinned when the tensor is on a GPU, so that all
+    copies are issued with non_blocking and waited for by one synchronize per device. Buffers a save did not
+    use are dropped. Only reuse them after the previous save's writer is done (save() waits for it first).
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def stage(self, shard: Any) -> Any:
+        """A deep copy of ``shard`` whose tensors are these buffers, filled; returns once the copies are complete."""
+        used: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        devices: set[torch.device] = set()
+
+        def copy(t: torch.Tensor, where: str) -> torch.Tensor:
+            key = (where, tuple(t.shape), t.dtype)
+            buffer = self.buffers.get(key)
+            if buffer is None:
+                buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            used[key] = buffer
+            if t.is_cuda:
+                devices.add(t.device)
+            buffer.copy_(t.detach(), non_blocking=t.is_cuda)
+            return buffer
+
+        staged = _stage(shard, copy)
+        for device in devices:
+            torch.cuda.synchronize(device)
+        self.buffers = used
+        return staged
+
+
+def _stage(obj: Any, copy, where: str = "shard") -> Any:
+    """Deep copy for the writer thread: tensors become ``copy(tensor, where)``, detached contiguous CPU tensors (a
+    view no longer drags its whole storage into the file, and training may go on updating the originals)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        return copy(obj, where)
     if isinstance(obj, dict):
-        return {k: _stage(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {k: _stage(v, copy, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_stage(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [_stage(v, copy, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_stage(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return tuple(_stage(v, copy, f"{where}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, _LEAVES):
         return obj
     raise TypeError(f"{where}: a {type(obj).__name__} cannot be checkpointed (torch.load(weights_only=True) would "
@@ -129,9 +186,14 @@ class _HashingWriter:
     def __init__(self, f, rank: int, half: int):
         self.f, self.rank, self.half = f, rank, half
         self.sha256, self.size = hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError about positions
 
     def write(self, data) -> int:
-        n = self.f.write(data)
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
         self.sha256.update(data)
         before, self.size = self.size, self.size + n
         if before <= self.half <= self.size:
@@ -147,7 +209,12 @@ def _write_shard(path: Path, shard: dict[str, Any], rank: int) -> tuple[int, str
     """torch.save ``shard`` to ``path`` and fsync it; returns (size, sha256) of the bytes written."""
     with open(path, "wb") as f:
         writer = _HashingWriter(f, rank, _tensor_bytes(shard) // 2)
-        torch.save(shard, writer)
+        try:
+            torch.save(shard, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return writer.size, writer.sha256.hexdigest()
@@ -163,11 +230,12 @@ class StoredCheckpoint:
     world_size: int  # number of rank files it was saved with (may differ from the current world size)
     skipped: list[str]  # why newer checkpoints were not used
 
-    def read(self, rank: int) -> dict[str, Any]:
-        """The dict that ``rank`` gave save(), on the CPU."""
+    def read(self, rank: int, mmap: bool = False) -> dict[str, Any]:
+        """The dict that ``rank`` gave save(), on the CPU. ``mmap``: tensors map the file instead of being read,
+        so a rank that needs a few slices of another rank's file reads only those pages."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"{self.path}: saved with {self.world_size} ranks, has no rank {rank}")
-        return torch.load(self.path / _rank_file(rank), map_location="cpu", weights_only=True)
+        return torch.load(self.path / _rank_file(rank), map_location="cpu", weights_only=True, mmap=mmap)
 
 
 class CheckpointStore:
@@ -179,7 +247,7 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | Path, rank: int, world_size: int, *, keep_last: int = 2, keep_every: int = 0,
-                 publish_timeout_s: float = 600.0):
+                 publish_timeout_s: float = 600.0, on_save_error: str = "stop"):
         if not 0 <= rank < world_size:
             raise ValueError(f"checkpoint store: rank {rank} is outside world_size {world_size}")
         if keep_last < 1:
@@ -189,9 +257,12 @@ class CheckpointStore:
             raise ValueError(f"checkpoint store: keep_every must be >= 0 (0 = off), got {keep_every}")
         if publish_timeout_s <= 0:
             raise ValueError(f"checkpoint store: publish_timeout_s must be > 0, got {publish_timeout_s}")
+        if on_save_error not in ("stop", "continue"):
+            raise ValueError(f"checkpoint store: on_save_error must be stop or continue, got {on_save_error!r}")
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_every, self.publish_timeout_s = keep_last, keep_every, publish_timeout_s
+        self.on_save_error = on_save_error
         self.root.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             unfinished = sorted(name for name in os.listdir(self.root) if _TMP_DIR.match(name))
@@ -203,31 +274,45 @@ class CheckpointStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"ckpt-writer-rank{rank}")
         self._pending: concurrent.futures.Future | None = None
+        self._error: CheckpointWriteError | None = None  # set by the writer thread, raised by check()
+        self._ranks_reported = False  # rank 0's writer: every rank of the save in flight is done or failed
+        self.staging = StagingBuffers()
         self.write_seconds: list[float] = []  # per save: this rank's background write (and rank 0's publish)
+        self.failed_saves = 0  # background writes that failed (with on_save_error='continue', training went on)
 
     # -- saving ------------------------------------------------------------------------------------------------
 
     def save(self, step: int, shard: dict[str, Any], meta: dict[str, Any]) -> float:
-        """Stage ``shard`` (deep copy: every tensor cloned to CPU, contiguous, detached) synchronously, then write it
-        in a background thread and return at once. Returns the seconds this call blocked (waiting for the previous
-        save + staging). Every rank calls save for the same step; ``meta`` (JSON-able) is written by rank 0 only."""
+        """Stage ``shard`` (deep copy: every tensor copied to a reused CPU buffer, contiguous, detached)
+        synchronously, then write it in a background thread and return at once. Returns the seconds this call
+        blocked (waiting for the previous save + staging). Every rank calls save for the same step; ``meta``
+        (JSON-able) is written by rank 0 only; ``"finite": False`` in it marks a checkpoint load() will skip.
+        Raises CheckpointWriteError for an earlier failed write (see check())."""
         if self._executor is None:
             raise RuntimeError(f"{self.root}: save() after close()")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"{self.root}: step must be a non-negative int, got {step!r}")
         start = time.perf_counter()
         self.wait()
-        staged = _stage(shard)
+        staged = self.staging.stage(shard)
         meta_json = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode() if self.rank == 0 else b""
         self._pending = self._executor.submit(self._write, step, staged, meta_json)
         return time.perf_counter() - start
 
     def wait(self) -> None:
-        """Block until this rank's pending write (and, on rank 0, the publish) has finished. An error of the writer
-        thread is raised here or, if wait() is not called, by the next save(); either way once."""
+        """Block until this rank's pending write (and, on rank 0, the publish) has finished, then check()."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+        self.check()
+
+    def check(self) -> None:
+        """Raise CheckpointWriteError, once, if a background write failed since the last check; with
+        on_save_error='continue' the failure was only printed. Reads a flag: no device sync, no filesystem access;
+        the loop calls it once per step so that a failed save stops training at the next step."""
+        error, self._error = self._error, None
+        if error is not None and self.on_save_error == "stop":
+            raise error
 
     def close(self) -> None:
         try:
@@ -238,17 +323,43 @@ class CheckpointStore:
                 self._executor = None
 
     def _write(self, step: int, shard: dict[str, Any], meta_json: bytes) -> None:
+        """The writer thread's job; a failure is reported at once and flagged for check(), never raised here."""
         started = time.perf_counter()
         tmp = self.root / f".tmp_{_step_dir_name(step)}"
-        tmp.mkdir(exist_ok=True)
-        _crash_point("before_shard", self.rank)
-        size, sha256 = _write_shard(tmp / _rank_file(self.rank), shard, self.rank)
-        _crash_point("after_shard", self.rank)
-        done = json.dumps({"bytes": size, "sha256": sha256}).encode()
-        _replace_durable(tmp / _done_file(self.rank), done)
-        if self.rank == 0:
-            self._publish(step, tmp, meta_json)
+        path, publishing = tmp / _rank_file(self.rank), False
+        self._ranks_reported = False
+        try:
+            tmp.mkdir(exist_ok=True)
+            _crash_point("before_shard", self.rank)
+            size, sha256 = _write_shard(path, shard, self.rank)
+            _crash_point("after_shard", self.rank)
+            done = json.dumps({"bytes": size, "sha256": sha256}).encode()
+            _replace_durable(tmp / _done_file(self.rank), done)
+            if self.rank == 0:
+                path, publishing = tmp, True
+                self._publish(step, tmp, meta_json)
+        except Exception as e:  # OSError (a full disk), CheckpointError (another rank failed): all stop the save
+            self._fail(step, getattr(e, "filename", None) or path, tmp, e, publishing)
+            return
         self.write_seconds.append(time.perf_counter() - started)
+
+    def _fail(self, step: int, path: str | Path, tmp: Path, error: Exception, publishing: bool) -> None:
+        """Report a failed write at once, free its space, tell rank 0 (a ``.failed`` record) and flag it for check()."""
+        self.failed_saves += 1
+        self._error = CheckpointWriteError(f"checkpoint of step {step} not saved: writing {path} failed: "
+                                           f"{type(error).__name__}: {error}")
+        then = ("training stops at the next step (checkpoint.on_save_error=continue would train on)"
+                if self.on_save_error == "stop" else "training goes on (checkpoint.on_save_error=continue)")
+        print(f"error: rank {self.rank}: {self._error}; {then}", file=sys.stderr, flush=True)
+        if publishing:
+            if self._ranks_reported:  # no rank writes here any more (after a timeout, a stalled one might)
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        (tmp / _rank_file(self.rank)).unlink(missing_ok=True)
+        try:
+            _replace_durable(tmp / _failed_file(self.rank), str(self._error).encode())
+        except OSError:
+            pass  # rank 0 then waits for publish_timeout_s and names this rank
 
     def _publish(self, step: int, tmp: Path, meta_json: bytes) -> None:
         """Rank 0, after its own shard: wait for every rank's record, then manifest, rename, latest, retention."""
@@ -278,11 +389,18 @@ class CheckpointStore:
         self._apply_retention(step)
 
     def _await_ranks(self, step: int, tmp: Path) -> dict[str, dict[str, Any]]:
-        """Poll ``tmp`` until every rank's ``.done`` record is there; returns the manifest entries of the rank files."""
+        """Poll ``tmp`` until every rank's ``.done`` (or ``.failed``) record is there; returns the manifest entries of
+        the rank files, or raises CheckpointError naming the ranks that failed."""
         deadline = time.monotonic() + self.publish_timeout_s
         wanted = {_done_file(r): r for r in range(self.world_size)}
+        failed = {_failed_file(r): r for r in range(self.world_size)}
         delay = 0.005
-        while missing := sorted(wanted.keys() - set(os.listdir(tmp))):  # listdir, not exists(): NFS caches lookups
+        while True:
+            listed = set(os.listdir(tmp))  # listdir, not exists(): NFS caches lookups
+            missing = sorted(name for name, r in wanted.items() if name not in listed and _failed_file(r) not in listed)
+            if not missing:
+                self._ranks_reported = True
+                break
             if time.monotonic() > deadline:
                 ranks = [wanted[name] for name in missing]
                 raise CheckpointError(
@@ -291,6 +409,8 @@ class CheckpointStore:
                     "(publish_timeout_s sets the limit)")
             time.sleep(delay)
             delay = min(2 * delay, 0.2)
+        if failures := [(r, (tmp / name).read_text(errors="replace")) for name, r in failed.items() if name in listed]:
+            raise CheckpointError(f"{tmp}: step {step} not published: " + "; ".join(f"rank {r}: {why}" for r, why in failures))
         files = {}
         for r in range(self.world_size):
             record = json.loads((tmp / _done_file(r)).read_text())
@@ -308,9 +428,10 @@ class CheckpointStore:
             if (m := _TMP_DIR.match(name)) and int(m.group(1)) < published:
                 shutil.rmtree(self.root / name, ignore_errors=True)
         steps = [s for s in self.complete_steps() if s <= published]
-        keep = set(steps[-self.keep_last:])
+        finite = [s for s in steps if self._finite(s)]
+        keep = set(finite[-self.keep_last:]) | {published}
         if self.keep_every:
-            keep |= {s for s in steps if s % self.keep_every == 0}
+            keep |= {s for s in finite if s % self.keep_every == 0}
         for s in steps:
             if s not in keep:  # rename first: a crash mid-delete leaves a .tmp_ directory, not a broken step_
                 trash = self.root / f".tmp_{_step_dir_name(s)}"
@@ -319,6 +440,13 @@ class CheckpointStore:
 
     # -- loading -----------------------------------------------------------------------------------------------
 
+    def _finite(self, step: int) -> bool:
+        """False only if the checkpoint's meta says ``"finite": false`` (an unreadable meta is load()'s to judge)."""
+        try:
+            return json.loads((self.root / _step_dir_name(step) / "meta.json").read_text()).get("finite", True) is not False
+        except (OSError, ValueError, AttributeError):
+            return True
+
     def complete_steps(self) -> list[int]:
         """Steps of the published checkpoints, ascending (not verified: load() does that)."""
         return sorted(int(m.group(1)) for name in os.listdir(self.root)
@@ -326,19 +454,26 @@ class CheckpointStore:
 
     def load(self, step: int | None = None) -> StoredCheckpoint:
         """The checkpoint of ``step``, or with None the newest one that matches its manifest (sizes and sha256 of
-        every file), warning about newer ones that did not. ``latest`` is not consulted: after a crash between
-        the rename and its update it is stale, while the directory listing never is."""
+        every file) and whose meta does not say ``"finite": false``, warning about newer ones it skipped.
+        ``latest`` is not consulted: after a crash between the rename and its update it is stale, while the
+        directory listing never is."""
         if step is not None:
             if not (self.root / _step_dir_name(step)).is_dir():
                 raise FileNotFoundError(f"{self.root}: no published checkpoint for step {step} "
                                         f"(published: {self.complete_steps() or 'none'})")
-            return self._verified(step, [])
+            checkpoint = self._verified(step, [])
+            if checkpoint.meta.get("finite", True) is False:
+                raise CheckpointError(f"{checkpoint.path}: saved with non-finite values (meta.json: finite false)")
+            return checkpoint
         skipped: list[str] = []
         for s in reversed(self.complete_steps()):
             try:
                 checkpoint = self._verified(s, list(skipped))
             except CheckpointError as e:
                 skipped.append(str(e))
+                continue
+            if checkpoint.meta.get("finite", True) is False:
+                skipped.append(f"{checkpoint.path.name}: saved with non-finite values (meta.json: finite false)")
                 continue
             if skipped:
                 warnings.warn(f"{self.root}: loading {_step_dir_name(s)}, skipped newer checkpoints: "

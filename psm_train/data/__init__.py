@@ -1,19 +1,18 @@
-"""Data sources: synthetic tasks (MQAR, S5) and token shards, selected by ``data.task`` in the config."""
+"""Data sources: synthetic tasks (MQAR, S5) and token shards, selected by ``data.task`` in the config.
 
-from psm_train.data.source import DataSource, SyntheticSource
-from psm_train.data.stream import ShardsConfig, ShardStream
-from psm_train.data.synthetic import MQAR, S5, MQARConfig, S5Config
+The names below load on first use (psm_train.data.tasks imports torch): the CLI's parser imports
+light submodules such as psm_train.data.corpora, and ``psm-train --help`` must not wait for torch.
+"""
 
-TASKS = {"mqar": (MQARConfig, MQAR), "s5": (S5Config, S5), "shards": (ShardsConfig, ShardStream)}
-STREAMS = {"shards"}  # tasks whose class is itself a DataSource, not a synthetic generator
-TASK_CONFIGS = {name: cfg for name, (cfg, _) in TASKS.items()}
+_FROM_TASKS = ("TASKS", "STREAMS", "TASK_CONFIGS", "DataSource", "SyntheticSource", "build_source")
 
 
-def build_source(task_name: str, task_config, seed: int) -> DataSource:
-    _, task_cls = TASKS[task_name]
-    if task_name in STREAMS:
-        return task_cls(task_config, seed)
-    return SyntheticSource(task_cls(task_config), seed)
+def __getattr__(name: str):
+    if name in _FROM_TASKS:
+        from psm_train.data import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'psm_train.data' has no attribute {name!r}")
 
 
-__all__ = ["TASKS", "TASK_CONFIGS", "DataSource", "SyntheticSource", "build_source"]
+__all__ = list(_FROM_TASKS)

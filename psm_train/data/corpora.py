@@ -17,14 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from psm_train.config import ConfigError
-
-
-class DataError(ConfigError):
-    """Unusable data or data options; the message names the file or option and what was expected.
-
-    A ConfigError, so that the CLI reports it in one line like any other bad setting.
-    """
+from psm_train.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from psm_train.data.corpora import CORPORA, DataError
+from psm_train.data.corpora import CORPORA
+from psm_train.errors import DataError
 
 
 def cmd_build(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from psm_train.data.corpora import DataError
+from psm_train.errors import DataError
 
 VERSION = 1
 

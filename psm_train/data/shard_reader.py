@@ -6,6 +6,11 @@ naming it, or (on_corrupt='skip') is warned about, counted, and its unreadable s
 replaced by samples of the next readable shard of the epoch order. A resumed run replaces a
 truncated shard's tail the same way; it may read intact samples behind damage inside a shard
 that the uninterrupted run replaced.
+
+A sample holding a token id outside the manifest's vocabulary (bytes overwritten, file size
+unchanged) is damage of one sample: it stops the run naming the shard and the sample's key, or
+(skip) only that sample is replaced, by the sample at the same position (modulo its length) of the
+next readable shard, so a resumed run replaces it identically.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from psm_train.data.source import derived_seed
 
 class CorruptShard(Exception):
     """A shard that cannot be read to the end or does not hold what its manifest says."""
+
+
+class BadSample(CorruptShard):
+    """One sample of a readable shard holds token ids outside the vocabulary; the samples after it are usable."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index  # the sample's position in its shard
 
 
 def rng(*parts: object) -> np.random.Generator:
@@ -50,8 +63,20 @@ def _seek_to(stream, start: int, size: int) -> bool:
     return ok
 
 
-def shard_samples(url: str, expected: int, block: int, dtype: str, start: int = 0) -> Iterator[np.ndarray]:
-    """Samples [start, expected) of one shard, ``block`` tokens each; CorruptShard if it is damaged."""
+def out_of_vocabulary(tokens: np.ndarray, vocab_size: int) -> int | None:
+    """A token id of ``tokens`` outside [0, vocab_size), or None: one vectorised max (and min if signed)."""
+    high = tokens.max()
+    if high >= vocab_size:
+        return int(high)
+    if tokens.dtype.kind == "i" and (low := tokens.min()) < 0:
+        return int(low)
+    return None
+
+
+def shard_samples(url: str, expected: int, block: int, dtype: str, start: int = 0,
+                  vocab_size: int = 0) -> Iterator[np.ndarray]:
+    """Samples [start, expected) of one shard, ``block`` tokens each; CorruptShard if it is damaged, BadSample
+    (after the samples before it) for one holding a token id outside [0, vocab_size) (0: not checked)."""
     from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
 
@@ -70,9 +95,14 @@ def shard_samples(url: str, expected: int, block: int, dtype: str, start: int = 
             if len(item["data"]) != size:
                 raise CorruptShard(f"sample {count} ({item['fname']}) holds {len(item['data'])} bytes, expected {size}")
             if count >= start:
-                yield np.frombuffer(item["data"], dtype)
+                tokens = np.frombuffer(item["data"], dtype)
+                if vocab_size and (bad := out_of_vocabulary(tokens, vocab_size)) is not None:
+                    key = item["fname"].rsplit(".", 1)[0]
+                    raise BadSample(f"sample {count} (key {key}) holds token id {bad}, outside the vocabulary "
+                                    f"[0, {vocab_size}) of its manifest", count)
+                yield tokens
             count += 1
-    except CorruptShard:
+    except CorruptShard:  # BadSample included
         raise
     except Exception as e:  # tarfile, EOF, gzip, pipe errors: all mean the same to training
         raise CorruptShard(f"unreadable after {count} samples ({type(e).__name__}: {e})") from None
@@ -93,6 +123,7 @@ class SourcePlan:
     block: int  # tokens per sample: seq_len + 1
     dtype: str
     on_corrupt: str  # 'error' | 'skip'
+    vocab_size: int = 0  # the manifest's: token ids outside [0, vocab_size) make a sample bad (0: not checked)
 
     @property
     def total(self) -> int:
@@ -100,15 +131,19 @@ class SourcePlan:
 
 
 class Damage:
-    """The damaged shards one process has met: warned about once each, counted for the metrics."""
+    """The damage one process has met: shards warned about once each, bad samples each; counted for the metrics."""
 
     def __init__(self):
         self.shards: set[str] = set()
+        self.samples = 0  # bad samples replaced
 
     def record(self, url: str, error: CorruptShard, on_corrupt: str) -> None:
         if on_corrupt == "error":
             raise RuntimeError(f"corrupt shard {url}: {error} (data.on_corrupt=skip trains on without it)") from None
-        if url not in self.shards:
+        if isinstance(error, BadSample):
+            self.samples += 1
+            print(f"warning: replacing a sample of shard {url}: {error}", file=sys.stderr, flush=True)
+        elif url not in self.shards:
             self.shards.add(url)
             print(f"warning: skipping the damaged part of shard {url}: {error}", file=sys.stderr, flush=True)
 
@@ -148,25 +183,35 @@ class EpochStream:
         shard = int(order[k])
         url, expected = self.plan.urls[shard], self.plan.samples[shard]
         position = skip
-        try:
-            for tokens in shard_samples(url, expected, self.plan.block, self.plan.dtype, start=skip):
-                yield tokens
-                position += 1
-        except CorruptShard as e:
-            self.damage.record(url, e, self.plan.on_corrupt)
-            yield from self._substitute(order, k, expected - position)  # the holes [position, expected)
+        while position < expected:
+            try:
+                for tokens in shard_samples(url, expected, self.plan.block, self.plan.dtype, start=position,
+                                            vocab_size=self.plan.vocab_size):
+                    yield tokens
+                    position += 1
+                return
+            except BadSample as e:
+                self.damage.record(url, e, self.plan.on_corrupt)
+                yield from self._substitute(order, k, e.index, 1)
+                position = e.index + 1
+            except CorruptShard as e:
+                self.damage.record(url, e, self.plan.on_corrupt)
+                yield from self._substitute(order, k, position, expected - position)  # the holes [position, expected)
+                return
 
-    def _substitute(self, order: np.ndarray, k: int, count: int) -> Iterator[np.ndarray]:
-        """``count`` samples of the next readable shard after order[k], cycling through it."""
+    def _substitute(self, order: np.ndarray, k: int, first: int, count: int) -> Iterator[np.ndarray]:
+        """For the samples at positions [first, first + count) of shard order[k]: those at the same positions
+        (modulo its length) of the next readable shard after it."""
         for step in range(1, len(order) + 1):
             shard = int(order[(k + step) % len(order)])
             url = self.plan.urls[shard]
             try:
-                samples = list(shard_samples(url, self.plan.samples[shard], self.plan.block, self.plan.dtype))
+                samples = list(shard_samples(url, self.plan.samples[shard], self.plan.block, self.plan.dtype,
+                                             vocab_size=self.plan.vocab_size))
             except CorruptShard as e:
                 self.damage.record(url, e, self.plan.on_corrupt)
                 continue
-            for i in range(count):
+            for i in range(first, first + count):
                 yield samples[i % len(samples)]
             return
         raise RuntimeError(f"{self.plan.name}: no training shard can be read")

@@ -5,6 +5,9 @@ process only packs. Sample k of a split holds tokens [k*T, k*T + T + 1) of the s
 stream (documents joined by end-of-text), so consecutive samples overlap by one token and every
 token after the first is a target exactly once. Tars get fixed mtimes and owners, the manifest
 no timestamps: the same inputs and options give byte-identical output for any worker count.
+
+Everything is built in a hidden directory beside the output and published only when the build
+succeeded (manifest.json last), so a failed build leaves the output as it was.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from psm_train.data.corpora import CORPORA, DataError, InputFile, expand_inputs, is_validation, read_documents, shuffle_and_cap
+from psm_train.data.corpora import CORPORA, InputFile, expand_inputs, is_validation, read_documents, shuffle_and_cap
 from psm_train.data.manifest import Manifest, load_manifest, sha256_file, write_manifest
 from psm_train.data.tokenizer import Tokenizer, train_bpe
+from psm_train.errors import DataError
 
 SPLITS = ("train", "val")
 
@@ -159,10 +163,10 @@ def _corpus_files(opts: BuildOptions) -> tuple[list[InputFile], str]:
     return files, "; ".join(parts)
 
 
-def _prepare_tokenizer(opts: BuildOptions, files: list[InputFile], progress: Progress) -> Tokenizer:
+def _prepare_tokenizer(opts: BuildOptions, files: list[InputFile], progress: Progress, out: Path) -> Tokenizer:
     if opts.tokenizer:
         given = Tokenizer(opts.tokenizer)
-        target = opts.out / ("tokenizer.json" if given.kind == "tokenizers" else "tokenizer.tiktoken")
+        target = out / ("tokenizer.json" if given.kind == "tokenizers" else "tokenizer.tiktoken")
         shutil.copyfile(opts.tokenizer, target)
         return Tokenizer(target)
 
@@ -173,20 +177,53 @@ def _prepare_tokenizer(opts: BuildOptions, files: list[InputFile], progress: Pro
                 if not is_validation(doc_name, opts.seed, opts.val_fraction):
                     yield text
 
-    tokenizer = train_bpe(train_texts(), opts.vocab_size, opts.out / "tokenizer.json")
+    tokenizer = train_bpe(train_texts(), opts.vocab_size, out / "tokenizer.json")
     progress.show(f"trained a {tokenizer.vocab_size}-token BPE", final=True)
     return tokenizer
 
 
+def _built_files(directory: Path) -> list[Path]:
+    return [*directory.glob("train-*.tar"), *directory.glob("val-*.tar"), *directory.glob("tokenizer.*")]
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move a finished build from ``work`` to ``out``: a rename if ``out`` is new; else its old manifest goes
+    first (shards without a manifest are never trusted), then its old shards (a rebuild must not leave those of an
+    earlier, larger build behind), then the new files, manifest.json last. Other files in ``out`` stay."""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    (out / "manifest.json").unlink(missing_ok=True)
+    for old in _built_files(out):
+        old.unlink()
+    for new in _built_files(work):
+        os.replace(new, out / new.name)
+    os.replace(work / "manifest.json", out / "manifest.json")
+    shutil.rmtree(work)
+
+
 def build_shards(opts: BuildOptions) -> Manifest:
-    """Build train and val shards and manifest.json under ``opts.out``; returns the manifest."""
+    """Build train and val shards and manifest.json under ``opts.out``; returns the manifest. On failure
+    ``opts.out`` is left as it was."""
     opts.validate()
     progress = Progress(opts.progress)
     files, description = _corpus_files(opts)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    for old in [*opts.out.glob("train-*.tar"), *opts.out.glob("val-*.tar"), *opts.out.glob("tokenizer.*")]:
-        old.unlink()  # a rebuild must not leave shards of an earlier, larger build behind
-    tokenizer = _prepare_tokenizer(opts, files, progress)
+    work = opts.out.parent / f".{opts.out.name}.building"  # beside the output: publishing is renames
+    shutil.rmtree(work, ignore_errors=True)  # left by a build that was killed
+    work.mkdir(parents=True)
+    try:
+        summary = _build_into(opts, files, description, work, progress)
+        _publish(work, opts.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest = load_manifest(opts.out)
+    progress.show(summary, final=True)
+    return manifest
+
+
+def _build_into(opts: BuildOptions, files: list[InputFile], description: str, out: Path, progress: Progress) -> str:
+    """Shards, tokenizer and manifest.json in ``out``; returns the summary line for the progress display."""
+    tokenizer = _prepare_tokenizer(opts, files, progress, out)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # worker processes tokenize; no threads after fork
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
 
@@ -198,7 +235,7 @@ def build_shards(opts: BuildOptions) -> Manifest:
         def submitter(split):
             return lambda *args: written[split].append(pool.apply_async(_write_shard, args))
 
-        packers = {s: Packer(s, opts.out, opts.seq_len, opts.shard_samples, dtype, submitter(s)) for s in SPLITS}
+        packers = {s: Packer(s, out, opts.seq_len, opts.shard_samples, dtype, submitter(s)) for s in SPLITS}
         docs = {s: 0 for s in SPLITS}
         corpus_hash = hashlib.sha256()
         done_bytes = 0
@@ -218,7 +255,7 @@ def build_shards(opts: BuildOptions) -> Manifest:
         raise DataError(f"--val-fraction {opts.val_fraction}: the held-out documents fill no {opts.seq_len + 1}-token block; raise it or add text")
     if not shards["train"]:
         raise DataError(f"the training documents fill no {opts.seq_len + 1}-token block; add text or lower --seq-len")
-    write_manifest(opts.out / "manifest.json", {
+    write_manifest(out / "manifest.json", {
         "seq_len": opts.seq_len,
         "dtype": dtype,
         "vocab_size": tokenizer.vocab_size,
@@ -230,11 +267,9 @@ def build_shards(opts: BuildOptions) -> Manifest:
         "splits": {s: {"samples": packers[s].samples, "tokens": packers[s].samples * opts.seq_len, "documents": docs[s],
                        "dropped_tail_tokens": dropped[s], "shards": shards[s]} for s in SPLITS},
     })
-    manifest = load_manifest(opts.out)
-    progress.show(f"{len(files)} files, {total_bytes / 1e6:.1f} MB -> "
-                  + ", ".join(f"{s}: {len(shards[s])} shards, {packers[s].samples} samples, {packers[s].samples * opts.seq_len / 1e6:.2f}M tokens" for s in SPLITS)
-                  + f"; {manifest.path}", final=True)
-    return manifest
+    return (f"{len(files)} files, {total_bytes / 1e6:.1f} MB -> "
+            + ", ".join(f"{s}: {len(shards[s])} shards, {packers[s].samples} samples, {packers[s].samples * opts.seq_len / 1e6:.2f}M tokens" for s in SPLITS)
+            + f"; {opts.out / 'manifest.json'}")
 
 
 def _star_tokenize(args: tuple) -> dict:

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from psm_train.data.synthetic import RecallDistance
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each [rows, T] int64
 
 
@@ -24,6 +26,8 @@ class DataSource(Protocol):
     sparse_targets: bool
     # [vocab_size] int64: a coarser labelling the evaluation also scores (S_n: each permutation's sign), or None.
     class_groups: torch.Tensor | None
+    # MQAR: how to find each query's key, so that the evaluation also scores queries by their chunk distance to it.
+    recall_distance: RecallDistance | None
 
     def train_batches(self, start_step: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
         """Batches of steps start_step, start_step + 1, ...: rows [dp_rank * b, (dp_rank + 1) * b) of
@@ -65,6 +69,7 @@ class SyntheticSource:
         self.vocab_size = task.vocab_size
         self.sparse_targets = task.sparse_targets
         self.class_groups = getattr(task, "class_groups", None)  # S_n's signs; None for the other tasks
+        self.recall_distance = getattr(task, "recall_distance", None)  # MQAR's; None for the other tasks
 
     def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each [batch_size, T] int64, of training step ``step``."""

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from psm_train.data.corpora import DataError
+from psm_train.errors import DataError
 from psm_train.data.manifest import Manifest, check_shard, load_manifest
-from psm_train.data.shard_reader import CorruptShard, Damage, LaneReader, SourcePlan, shard_samples
+from psm_train.data.shard_reader import BadSample, CorruptShard, Damage, LaneReader, SourcePlan, shard_samples
 from psm_train.data.source import Batch
 
 CURSOR_VERSION = 1
@@ -87,7 +87,7 @@ class _RankRows(torch.utils.data.IterableDataset):
         super().__init__()
         self.plans, self.lanes, self.seed, self.window, self.start_step = plans, lanes, seed, window, start_step
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         info = torch.utils.data.get_worker_info()
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.lanes[wid * len(self.lanes) // workers:(wid + 1) * len(self.lanes) // workers]
@@ -99,7 +99,7 @@ class _RankRows(torch.utils.data.IterableDataset):
             rows = np.empty((len(readers), block), dtype=np.int32)
             for i, reader in enumerate(readers):
                 rows[i] = next(reader)
-            yield torch.from_numpy(rows), len(damage.shards)
+            yield torch.from_numpy(rows), len(damage.shards), damage.samples
 
 
 class ShardStream:
@@ -127,11 +127,12 @@ class ShardStream:
         self.vocab_size = first.vocab_size
         self.sparse_targets = False
         self.class_groups = None
+        self.recall_distance = None
         self.weights = cfg.weights or [1.0] * len(self.manifests)
         self.skipped: dict[int, list[str]] = {}  # source -> shard names left out before training
         self.plans = [self._plan(i, m, "train") for i, m in enumerate(self.manifests)]
         self.val_plan = self._plan(0, first, "val")
-        self._worker_damage: list[int] = []
+        self._worker_damage: list[tuple[int, int]] = []  # per worker: (damaged shards, replaced samples)
 
     def _base(self, i: int, m: Manifest) -> str:
         return self.cfg.base_urls[i] if self.cfg.base_urls else str(m.path.parent)
@@ -155,7 +156,7 @@ class ShardStream:
         if not kept:
             raise DataError(f"{m.path}: no readable {split} shard")
         urls, samples = zip(*kept)
-        return SourcePlan(i, str(m.path), urls, samples, m.seq_len + 1, m.dtype, self.cfg.on_corrupt)
+        return SourcePlan(i, str(m.path), urls, samples, m.seq_len + 1, m.dtype, self.cfg.on_corrupt, m.vocab_size)
 
     def lanes(self, global_batch_size: int) -> list[tuple[int, int, int]]:
         """(source, lane, lanes of that source) of every row of a global batch."""
@@ -180,7 +181,7 @@ class ShardStream:
         lanes = self.lanes(global_batch_size)[dp_rank * rows:(dp_rank + 1) * rows]
         dataset = _RankRows(self.plans, lanes, self.seed, self.cfg.shuffle_window, start_step)
         workers = min(self.cfg.workers, rows)
-        self._worker_damage = [0] * max(workers, 1)
+        self._worker_damage = [(0, 0)] * max(workers, 1)
         if workers == 0:
             parts = iter(dataset)
         else:
@@ -189,15 +190,17 @@ class ShardStream:
         while True:
             chunks = []
             for w in range(len(self._worker_damage)):
-                rows_part, damaged = next(parts)
+                rows_part, shards, samples = next(parts)
                 chunks.append(rows_part)
-                self._worker_damage[w] = int(damaged)
+                self._worker_damage[w] = (int(shards), int(samples))
             tokens = torch.cat(chunks).long()
             yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def metrics(self) -> dict[str, float]:
-        """data/skipped_shards: left out before training plus damaged ones met by this rank's readers."""
-        return {"data/skipped_shards": float(sum(len(v) for v in self.skipped.values()) + sum(self._worker_damage))}
+        """data/skipped_shards: left out before training plus damaged ones met by this rank's readers;
+        data/skipped_samples: samples with out-of-vocabulary token ids this rank's readers replaced."""
+        return {"data/skipped_shards": float(sum(len(v) for v in self.skipped.values()) + sum(d[0] for d in self._worker_damage)),
+                "data/skipped_samples": float(sum(d[1] for d in self._worker_damage))}
 
     def cursor(self, step: int, global_batch_size: int) -> dict:
         lanes = self.lanes(global_batch_size)
@@ -223,13 +226,20 @@ class ShardStream:
         plan, damage, samples = self.val_plan, Damage(), []
         wanted = batches * batch_size
         for url, count in zip(plan.urls, plan.samples):
-            try:
-                for tokens in shard_samples(url, count, plan.block, plan.dtype):
-                    samples.append(tokens)
-                    if len(samples) == wanted:
-                        break
-            except CorruptShard as e:
-                damage.record(url, e, plan.on_corrupt)
+            start = 0
+            while start < count and len(samples) < wanted:
+                try:
+                    for tokens in shard_samples(url, count, plan.block, plan.dtype, start, plan.vocab_size):
+                        samples.append(tokens)
+                        if len(samples) == wanted:
+                            break
+                    break
+                except BadSample as e:  # left out; the shard's later samples are read
+                    damage.record(url, e, plan.on_corrupt)
+                    start = e.index + 1
+                except CorruptShard as e:
+                    damage.record(url, e, plan.on_corrupt)
+                    break
             if len(samples) == wanted:
                 break
         if not samples:

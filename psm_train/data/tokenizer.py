@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psm_train.data.corpora import DataError
+from psm_train.errors import DataError
 
 EOT = "<|endoftext|>"
 # r50k_base (GPT-2) pre-tokenization pattern, as in tiktoken.

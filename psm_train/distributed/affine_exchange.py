@@ -35,40 +35,29 @@ def exclusive_incoming_state(log_decays: torch.Tensor, states: torch.Tensor, ran
     return incoming
 
 
-def sp_chunk_affine(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    *,
-    chunk_size: int,
-    sp: SequenceParallel,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`chunk_affine` of this rank's slice of a sequence split across ``sp``; same shapes and dtypes.
+class SplitChunkAffine:
+    """`chunk_affine` of this rank's slice of a sequence split across ``sp``: same signature, shapes and
+    dtypes; the outputs and the final state are exact for the whole sequence. The slice starts where
+    the previous rank's ends, so ``initial_state`` must be None."""
 
-    Returns o [B, T_local, H, V] and the state after this slice; both exact for the whole sequence.
-    """
-    o, local_state = chunk_affine(q, k, v, log_decay, chunk_size=chunk_size, initial_state=None, backend=backend)
-    acc = local_state.dtype
-    with torch.autocast(q.device.type, enabled=False):
-        cum = log_decay.to(acc).cumsum(1)  # [B, T, H, K | 1]
-        total = cum[:, -1].expand(*local_state.shape[:-1])  # [B, H, K]
-        # One message: the log decay rides along as an extra column of the state.
-        summary = torch.cat((total.unsqueeze(-1), local_state), dim=-1)
-        gathered = all_gather_stack(summary, sp.group, sp.rank, sp.size)
-        incoming = exclusive_incoming_state(gathered[..., 0], gathered[..., 1:], sp.rank)
-        correction = torch.einsum("bthk,bhkv->bthv", q.to(acc) * cum.exp(), incoming)
-        final_state = apply(total, local_state, incoming)
-    return (o.to(acc) + correction).to(o.dtype), final_state
+    def __init__(self, sp: SequenceParallel):
+        self.sp = sp
 
-
-def previous_rank_tail(x: torch.Tensor, width: int, sp: SequenceParallel) -> torch.Tensor:
-    """The last ``width`` positions of the previous rank's x [B, T, ...] (zeros on rank 0).
-
-    A short causal convolution (Mamba2) needs them: one all-gather of the tails.
-    """
-    if x.shape[1] < width:
-        raise ValueError(f"each rank's slice ({x.shape[1]} tokens) must be at least the conv width - 1 ({width})")
-    tails = all_gather_stack(x[:, x.shape[1] - width :], sp.group, sp.rank, sp.size)
-    return torch.zeros_like(tails[0]) + graph_anchor(tails) if sp.rank == 0 else tails[sp.rank - 1]
+    def __call__(self, q, k, v, log_decay, *, chunk_size: int, initial_state=None, backend: str = "auto"):
+        if not self.sp.active:
+            return chunk_affine(q, k, v, log_decay, chunk_size=chunk_size, initial_state=initial_state, backend=backend)
+        if initial_state is not None:
+            raise ValueError("a sequence split across ranks starts from the previous rank's state, not initial_state")
+        sp = self.sp
+        o, local_state = chunk_affine(q, k, v, log_decay, chunk_size=chunk_size, initial_state=None, backend=backend)
+        acc = local_state.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            cum = log_decay.to(acc).cumsum(1)  # [B, T, H, K | 1]
+            total = cum[:, -1].expand(*local_state.shape[:-1])  # [B, H, K]
+            # One message: the log decay rides along as an extra column of the state.
+            summary = torch.cat((total.unsqueeze(-1), local_state), dim=-1)
+            gathered = all_gather_stack(summary, sp.group, sp.rank, sp.size)
+            incoming = exclusive_incoming_state(gathered[..., 0], gathered[..., 1:], sp.rank)
+            correction = torch.einsum("bthk,bhkv->bthv", q.to(acc) * cum.exp(), incoming)
+            final_state = apply(total, local_state, incoming)
+        return (o.to(acc) + correction).to(o.dtype), final_state

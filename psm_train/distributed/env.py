@@ -96,3 +96,20 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistEnv:
         torch.cuda.set_device(denv.local_rank)
     dist.init_process_group(backend, rank=denv.rank, world_size=denv.world_size, timeout=timedelta(seconds=timeout_s))
     return denv
+
+
+def init_single_rank_group(device_type: str) -> None:
+    """A process group of this process alone (nccl on GPU, gloo on CPU), unless one exists.
+
+    DeepSpeed needs a process group even at world size 1 (single process or ``--nproc 1``). Its
+    store lives in this process, so no address or port is taken. The caller destroys the group.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    local_rank = read_env().local_rank
+    for key, value in (("RANK", 0), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 1)):
+        os.environ.setdefault(key, str(value))  # DeepSpeed reads them besides the group (true of this process)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -16,13 +16,19 @@ import torch
 LAYOUTS = ("contiguous", "zigzag")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SequenceParallel:
-    """The SP group this rank belongs to: ``rank`` of ``size`` ranks (torch.distributed group ``group``)."""
+    """The SP group this rank belongs to: ``rank`` of ``size`` ranks (torch.distributed group ``group``).
+
+    The sequence-parallel ops (context-parallel attention, the cross-rank tree and affine carry, the
+    halo exchange) hold this object. While ``active`` is False they run their single-device op on
+    the whole sequence (an evaluation length that cannot be split, see `psm_train.parallelize`).
+    """
 
     group: object
     rank: int
     size: int
+    active: bool = True
 
 
 def slice_positions(seq_len: int, rank: int, size: int, layout: str) -> torch.Tensor:

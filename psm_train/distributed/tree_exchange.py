@@ -7,12 +7,12 @@ every rank evaluates that tree's prefixes (`prefix_scan` over the P roots: a pre
 the aligned blocks before it, so this is the same parenthesisation), and the local downsweep from
 the prefix of root r finishes the exact single-device tree.
 
-Every rank makes the same Agg calls on the same shapes, forward and backward: the top of the tree
-is evaluated whole on every rank, and rank 0's downsweep (whose root prefix is the identity) runs
-with ``uniform_calls``. ZeRO-3 gathers a module's parameters collectively at every call, so it
-needs this. Rank r's copy of the top only feeds rank r's outputs (the rest is anchored in the
-graph as an exact zero), so summing gradients over ranks counts each use exactly once; the
-all-gather's backward returns the gradient of each root to the rank that owns it.
+Every rank calls Agg equally often, forward and backward (ZeRO-3 gathers a module's parameters
+collectively at every call): the top of the tree is evaluated whole on every rank, and rank 0,
+whose downsweep skips the identity's Agg call at its top level, makes that call on a placeholder
+whose result is only anchored in the graph (an exact zero). Rank r's copy of the top only feeds
+rank r's outputs (the rest is anchored likewise), so summing gradients over ranks counts each use
+exactly once; the all-gather's backward returns the gradient of each root to the rank that owns it.
 """
 
 from __future__ import annotations
@@ -35,20 +35,30 @@ def check_tree_slices(n_chunks_local: int, sp_size: int) -> None:
         )
 
 
-def sp_prefix_scan(x: torch.Tensor, agg: Aggregator, sp: SequenceParallel) -> tuple[torch.Tensor, torch.Tensor]:
-    """`prefix_scan` of this rank's chunks x [B, m, *S] of a sequence split across ``sp``.
+class SplitPrefixScan:
+    """`prefix_scan(x, agg)` of this rank's chunks x [B, m, *S] of a sequence split across ``sp``.
 
-    Returns (prefixes [B, m, *S], has_prefix [m]), exactly as the single-device scan gives them for
-    these chunks (only rank 0's first chunk has the identity as prefix).
+    Returns (prefixes [B, m, *S], first_has_prefix) exactly as the single-device scan gives them for
+    these chunks: only rank 0's first chunk has the identity as its prefix.
     """
-    n = x.shape[1]
-    check_tree_slices(n, sp.size)
-    blocks = upsweep(x, agg)
-    roots = all_gather_stack(blocks[-1][:, 0], sp.group, sp.rank, sp.size).transpose(0, 1)  # [B, P, *S]
-    root_prefixes, _ = prefix_scan(roots, agg)
-    anchor = graph_anchor(root_prefixes)
-    has_prefix = torch.ones(n, dtype=torch.bool, device=x.device)
-    if sp.rank == 0:
-        has_prefix[0] = False
-        return downsweep(blocks, n, agg, None, uniform_calls=True) + anchor, has_prefix
-    return downsweep(blocks, n, agg, root_prefixes[:, sp.rank]) + anchor, has_prefix
+
+    def __init__(self, sp: SequenceParallel):
+        self.sp = sp
+
+    def __call__(self, x: torch.Tensor, agg: Aggregator) -> tuple[torch.Tensor, bool]:
+        sp = self.sp
+        if not sp.active:
+            return prefix_scan(x, agg)
+        n = x.shape[1]
+        check_tree_slices(n, sp.size)
+        blocks = upsweep(x, agg)
+        roots = all_gather_stack(blocks[-1][:, 0], sp.group, sp.rank, sp.size).transpose(0, 1)  # [B, P, *S]
+        root_prefixes, _ = prefix_scan(roots, agg)
+        anchor = graph_anchor(root_prefixes)
+        if sp.rank > 0:
+            return downsweep(blocks, n, agg, root_prefixes[:, sp.rank]) + anchor, True
+        prefixes = downsweep(blocks, n, agg)
+        if n > 1:  # the call a rooted downsweep makes at its top level, for the identity's right child
+            half = blocks[-2][:, :1]
+            anchor = anchor + graph_anchor(agg(torch.zeros_like(half[:, 0]), half[:, 0]))
+        return prefixes + anchor, False

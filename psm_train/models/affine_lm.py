@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from psm_train.distributed.affine_exchange import sp_chunk_affine
-from psm_train.distributed.sequence import SequenceParallel
 from psm_train.kernels.chunk_affine import BACKENDS, affine_step, chunk_affine
-from psm_train.models.base import CausalLM, require_dropout, tensor_nbytes
+from psm_train.models.base import CausalLM, check_fresh, require_dropout, tensor_nbytes
 from psm_train.models.layers import RMSNorm, SwiGLU, init_weights, swiglu_hidden
 
 # (q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], log_decay [B, T, H, K | 1], state [B, H, K, V] | None)
@@ -92,7 +90,12 @@ def _one_token(
 
 
 class AffineMixer(nn.Module):
-    """Token mixer through the affine recurrence, with n_heads heads of state [head_k_dim, head_v_dim]."""
+    """Token mixer through the affine recurrence, with n_heads heads of state [head_k_dim, head_v_dim].
+
+    ``chunk_affine`` is the chunked recurrence op (`psm_train.kernels.chunk_affine.chunk_affine` by
+    default) and ``previous_tail`` the op that fetches the inputs just before x (None: x starts the
+    sequence); the parallelize step replaces both when a sequence is split across ranks.
+    """
 
     def __init__(self, cfg: AffineLMConfig, n_heads: int, head_k_dim: int, head_v_dim: int):
         super().__init__()
@@ -101,37 +104,27 @@ class AffineMixer(nn.Module):
         self.n_heads = n_heads
         self.head_k_dim = head_k_dim
         self.head_v_dim = head_v_dim
+        self.chunk_affine = chunk_affine
+        self.previous_tail = sequence_start
 
     def mix(self, x: torch.Tensor, state: MixerState | None, op: AffineOp) -> tuple[torch.Tensor, MixerState]:
         """x [B, T, d] -> y [B, T, d] and the state after x, with the recurrence evaluated by op."""
         raise NotImplementedError
 
-    def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, sp: SequenceParallel | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
-        """Chunkwise parallel form: x [B, T, d] from state (None: zeros) -> y [B, T, d], final state.
+    def forward(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
+        """Chunkwise parallel form: x [B, T, d] from state (None: the state x starts in) -> y [B, T, d],
+        final state."""
 
-        With ``sp``, x is this rank's slice of a longer sequence and the carry comes from the
-        ranks before it (the state must then be None: the sequence starts at rank 0).
-        """
-        if sp is None:
+        def op(q, k, v, log_decay, initial_state):
+            return self.chunk_affine(
+                q, k, v, log_decay, chunk_size=self.chunk_size, initial_state=initial_state, backend=self.kernel
+            )
 
-            def op(q, k, v, log_decay, initial_state):
-                return chunk_affine(
-                    q, k, v, log_decay, chunk_size=self.chunk_size, initial_state=initial_state, backend=self.kernel
-                )
+        return self.mix(x, state if state is not None else self.entry_state(x), op)
 
-            return self.mix(x, state, op)
-        if state is not None:
-            raise ValueError("under sequence parallelism the sequence starts from a zero state")
-
-        def sp_op(q, k, v, log_decay, initial_state):
-            return sp_chunk_affine(q, k, v, log_decay, chunk_size=self.chunk_size, sp=sp, backend=self.kernel)
-
-        return self.mix(x, self.halo_state(x, sp), sp_op)
-
-    def halo_state(self, x: torch.Tensor, sp: SequenceParallel) -> MixerState | None:
-        """State that depends on the previous rank's last inputs (a short convolution's); none by default."""
+    def entry_state(self, x: torch.Tensor) -> MixerState | None:
+        """The state x starts in when none is given: None (zeros), unless the mixer keeps inputs before
+        x (a short convolution's, from ``previous_tail``)."""
         return None
 
     def step(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
@@ -145,6 +138,11 @@ class AffineMixer(nn.Module):
         dtype = torch.promote_types(param.dtype, torch.float32)
         shape = (batch_size, self.n_heads, self.head_k_dim, self.head_v_dim)
         return MixerState(torch.zeros(shape, dtype=dtype, device=param.device))
+
+
+def sequence_start(x: torch.Tensor, width: int) -> None:
+    """The ``previous_tail`` op of an unsplit sequence: nothing comes before x."""
+    return None
 
 
 class AffineBlock(nn.Module):
@@ -164,11 +162,9 @@ class AffineBlock(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.drop(self.mlp(self.mlp_norm(x)))
 
-    def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, sp: SequenceParallel | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
+    def forward(self, x: torch.Tensor, state: MixerState | None = None) -> tuple[torch.Tensor, MixerState]:
         """x [B, T, d] -> [B, T, d], and the mixer's final state."""
-        y, state = self.mixer(self.mixer_norm(x), state, sp)
+        y, state = self.mixer(self.mixer_norm(x), state)
         return self._mlp(x + self.drop(y)), state
 
     def step(self, x: torch.Tensor, state: MixerState | None) -> tuple[torch.Tensor, MixerState]:
@@ -186,21 +182,21 @@ class AffineLM(CausalLM):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.init_vocab(vocab_size, cfg.d_model)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(AffineBlock(cfg, self.mixer_cls(cfg)) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         # Re-initialises Linear and Embedding weights only: the mixers' own parameters (decay
         # rates, time-step biases, convolutions) keep their model-specific init.
         init_weights(self, cfg.n_layers)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Position enters through the recurrence only: ``positions`` is not needed."""
         x = self.embed_drop(self.embed(tokens))
         for layer in self.layers:
-            x, _ = layer(x, None, sp)
+            x, _ = layer(x)
         return x
 
     def init_generation(self, batch_size: int) -> AffineGenerationState:
@@ -222,7 +218,17 @@ class AffineGenerationState:
         for i, layer in enumerate(m.layers):
             x, self.states[i] = layer.step(x, self.states[i])
         self.tokens += 1
-        return m.head(m.norm(x))
+        return m.logits(x)
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The chunked parallel form from the zero states, carrying each layer's final state out."""
+        check_fresh(self.tokens, tokens)
+        m = self.model
+        x = m.embed(tokens)
+        for i, layer in enumerate(m.layers):
+            x, self.states[i] = layer(x, self.states[i])
+        self.tokens = tokens.shape[1]
+        return m.logits(x[:, -1])
 
     def nbytes(self) -> int:
         return sum(state.nbytes() for state in self.states)

@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psm_train.distributed.context_parallel import cp_attention
-from psm_train.distributed.sequence import SequenceParallel
 from psm_train.kernels.attention import attention
 
 
@@ -50,7 +48,7 @@ def rotary(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dty
 
     A model computes the table once per forward and hands it to every block: computed inside a
     compiled block, inductor fused the float64 cos/sin into the rotation itself and evaluated them
-    for every element of q and k (28% of a compiled Transformer-PSM step on an H200).
+    for every element of q and k.
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
@@ -88,6 +86,12 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions.
+
+    ``attend`` is the attention op, `psm_train.kernels.attention.attention` by default; the
+    parallelize step replaces it by context-parallel attention when a sequence is split across ranks.
+    """
+
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         if dim % n_heads:
@@ -98,6 +102,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"head dim d_model / n_heads = {self.head_dim} must be even for rotary positions")
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.attend = attention
 
     def forward(
         self,
@@ -107,12 +112,10 @@ class SelfAttention(nn.Module):
         causal: bool,
         window: int | None = None,
         cache: KVCache | None = None,
-        sp: SequenceParallel | None = None,
         only_last: int | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim]; rope: the `rotary` table of x's positions. Returns [B, T, dim].
 
-        With ``sp``, x is this rank's zigzag slice of a causal sequence (context parallelism).
         With ``only_last`` m, only the last m positions query (keys and values come from all T):
         returns [B, m, dim], the same as the full result's last m rows.
         """
@@ -122,8 +125,8 @@ class SelfAttention(nn.Module):
             q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q = apply_rotary(q, cos, sin)
         else:
-            if cache is not None or sp is not None or not 0 < only_last <= t:
-                raise ValueError(f"only_last must be in 1..{t} and used without a KV cache or sequence parallelism")
+            if cache is not None or not 0 < only_last <= t:
+                raise ValueError(f"only_last must be in 1..{t} and used without a KV cache")
             # Reading qkv's weight outside its forward is fine under ZeRO-3: DeepSpeed gathers such a parameter on
             # access and registers it with the running module (its ZeROOrderedDict).
             w_q, w_kv = self.qkv.weight.split((self.qkv.in_features, 2 * self.qkv.in_features))
@@ -133,12 +136,7 @@ class SelfAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
-        if sp is None:
-            y = attention(q, k, v, causal=causal, window=window)
-        elif causal and cache is None:
-            y = cp_attention(q, k, v, sp, window=window)
-        else:
-            raise ValueError("context parallelism supports causal attention without a KV cache only")
+        y = self.attend(q, k, v, causal=causal, window=window)
         return self.out(y.transpose(1, 2).reshape(b, q.shape[2], -1))
 
 
@@ -153,26 +151,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.drop = nn.Dropout(dropout)  # p = 0 returns its input unchanged and draws no random numbers
 
-    def forward(self, x, rope, *, causal, window=None, cache=None, sp=None, only_last=None):
+    def forward(self, x, rope, *, causal, window=None, cache=None, only_last=None):
         """``only_last`` m: the output of the last m positions only, [B, m, dim]; it skips their queries' and the
         MLP's work on the other positions (a model's last block, when it keeps only part of its window)."""
-        h = self.attn(self.attn_norm(x), rope, causal=causal, window=window, cache=cache, sp=sp, only_last=only_last)
+        h = self.attn(self.attn_norm(x), rope, causal=causal, window=window, cache=cache, only_last=only_last)
         if only_last is not None:
             x = x[:, x.shape[1] - only_last :]
         x = x + self.drop(h)
         return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile every transformer Block of ``model`` in place (parameter names unchanged)."""
-    config = torch._dynamo.config
-    # One graph per call shape (Agg and Inf, a chunk with or without its prefix, training and evaluation):
-    # past dynamo's default limit of 8 the rest would run eager. Older torch versions call it cache_size_limit.
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 32))
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile()
 
 
 RESIDUAL_OUTPUTS = ("out", "down", "o_proj")

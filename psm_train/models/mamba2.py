@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psm_train.distributed.affine_exchange import previous_rank_tail
-from psm_train.distributed.sequence import SequenceParallel
 from psm_train.models.affine_lm import AffineLM, AffineLMConfig, AffineMixer, AffineOp, MixerState, require_positive
 from psm_train.models.layers import RMSNorm
 
@@ -95,9 +93,11 @@ class Mamba2Mixer(AffineMixer):
         y = self.norm(y.reshape(b, t, -1) * F.silu(z))
         return self.o_proj(y), MixerState(s, conv)
 
-    def halo_state(self, x: torch.Tensor, sp: SequenceParallel) -> MixerState:
-        """The conv cache of this slice: the conv inputs of the previous rank's last W-1 tokens."""
-        tail = previous_rank_tail(x, self.conv.kernel_size[0] - 1, sp)
+    def entry_state(self, x: torch.Tensor) -> MixerState | None:
+        """The conv cache x starts with: the conv inputs of the W-1 tokens before x, if any."""
+        tail = self.previous_tail(x, self.conv.kernel_size[0] - 1)
+        if tail is None:
+            return None
         _, xbc, _ = self.in_proj(tail).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         return MixerState(None, xbc.transpose(1, 2))
 

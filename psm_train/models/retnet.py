@@ -51,9 +51,12 @@ class RetNetMixer(AffineMixer):
         self.g_proj = nn.Linear(d, cfg.value_dim, bias=False)
         self.o_norm = RMSNorm(self.head_v_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(cfg.value_dim, d, bias=False)
-        # A fixed function of the config, not a parameter: kept out of checkpoints.
-        gamma_log = torch.log1p(-(2.0 ** (-5.0 - torch.arange(cfg.n_heads, dtype=torch.float64))))
-        self.register_buffer("log_gamma", gamma_log.to(torch.get_default_dtype()), persistent=False)
+
+    def log_gamma(self, like: torch.Tensor) -> torch.Tensor:
+        """log γ_h [H], a fixed function of the config: computed in float64 and rounded once to the
+        dtype of the projections (a stored buffer would keep an earlier dtype's rounding)."""
+        heads = torch.arange(self.n_heads, dtype=torch.float64, device=like.device)
+        return torch.log1p(-(2.0 ** (-5.0 - heads))).to(self.q_proj.weight.dtype)
 
     def mix(self, x: torch.Tensor, state: MixerState | None, op: AffineOp) -> tuple[torch.Tensor, MixerState]:
         b, t, _ = x.shape
@@ -61,7 +64,7 @@ class RetNetMixer(AffineMixer):
         q = self.q_proj(x).view(b, t, h, -1) * self.head_k_dim**-0.5
         k = self.k_proj(x).view(b, t, h, -1)
         v = self.v_proj(x).view(b, t, h, -1)
-        log_decay = self.log_gamma.view(1, 1, h, 1).expand(b, t, h, 1)
+        log_decay = self.log_gamma(x).view(1, 1, h, 1).expand(b, t, h, 1)
         o, s = op(q, k, v, log_decay, None if state is None else state.state)
         o = self.o_norm(o).reshape(b, t, -1) * F.silu(self.g_proj(x))
         return self.o_proj(o), MixerState(s)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from psm_train.distributed.sequence import SequenceParallel, slice_positions
-from psm_train.models.base import CausalLM, require_dropout
+from psm_train.models.base import CausalLM, check_fresh, require_dropout
 from psm_train.models.layers import Block, KVCache, RMSNorm, Rope, init_weights, rotary
 
 
@@ -36,19 +35,16 @@ class TransformerConfig:
 
 
 class Transformer(CausalLM):
-    sequence_layout = "zigzag"  # balances causal attention work across sequence-parallel ranks
-
     def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.init_vocab(vocab_size, cfg.d_model)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.dropout)
             for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         init_weights(self, cfg.n_layers)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -56,16 +52,13 @@ class Transformer(CausalLM):
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> Rope:
         return rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, like.dtype)
 
-    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """Under ``sp``, tokens is a zigzag slice attending over all ranks' keys."""
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_drop(self.embed(tokens))
-        if sp is None:
+        if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
-        else:
-            positions = slice_positions(tokens.shape[1] * sp.size, sp.rank, sp.size, self.sequence_layout).to(tokens.device)
-        rope = self.rope(positions, x)
+        rope = self.rope(positions.to(tokens.device), x)
         for block in self.blocks:
-            x = block(x, rope, causal=True, window=self.cfg.sliding_window, sp=sp)
+            x = block(x, rope, causal=True, window=self.cfg.sliding_window)
         return x
 
     def init_generation(self, batch_size: int) -> TransformerGenerationState:
@@ -87,7 +80,17 @@ class TransformerGenerationState:
         for block, cache in zip(m.blocks, self.caches):
             x = block(x, rope, causal=True, window=m.cfg.sliding_window, cache=cache)
         self.tokens += 1
-        return m.head(m.norm(x[:, 0]))
+        return m.logits(x[:, 0])
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_fresh(self.tokens, tokens)
+        m = self.model
+        x = m.embed(tokens)
+        rope = m.rope(torch.arange(tokens.shape[1], device=tokens.device), x)
+        for block, cache in zip(m.blocks, self.caches):
+            x = block(x, rope, causal=True, window=m.cfg.sliding_window, cache=cache)
+        self.tokens = tokens.shape[1]
+        return m.logits(x[:, -1])
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in self.caches)

@@ -18,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psm_train.distributed.sequence import SequenceParallel
-from psm_train.distributed.tree_exchange import check_tree_slices, sp_prefix_scan
-from psm_train.graph_anchor import graph_anchor
-from psm_train.models.base import CausalLM, require_dropout, tensor_nbytes
+from psm_train.models.base import CausalLM, check_fresh, require_dropout, tensor_nbytes
 from psm_train.models.layers import Block, KVCache, RMSNorm, Rope, init_weights, rotary
 from psm_train.scan import OnlineScan, prefix_scan
 
@@ -52,19 +49,22 @@ def run_blocks(blocks: nn.ModuleList, z: torch.Tensor, rope: Rope, *, causal: bo
     """The blocks over the window z [N, W, d]; returns the last ``keep`` positions [N, keep, d].
 
     The last block computes only those positions (their queries, output projection and MLP): the
-    others would be dropped (Inf's prefix slots, Agg's older half).
+    others would be dropped (Inf's prefix slots, Agg's older half). It takes that path also when it
+    keeps every position (a first chunk without prefix), so that every call runs the same modules.
     """
-    only_last = keep if keep < z.shape[1] else None
     for i, block in enumerate(blocks):
-        z = block(z, rope, causal=causal, only_last=only_last if i == len(blocks) - 1 else None)
+        z = block(z, rope, causal=causal, only_last=keep if i == len(blocks) - 1 else None)
     return z
 
 
 class TransformerPSM(CausalLM):
+    """``scan`` is the prefix scan over chunk states, `psm_train.scan.prefix_scan` by default; the
+    parallelize step replaces it by the cross-rank tree when a sequence is split across ranks."""
+
     def __init__(self, cfg: TransformerPSMConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.init_vocab(vocab_size, cfg.d_model)
         self.embed_drop = nn.Dropout(cfg.dropout)
 
         def blocks(n: int) -> nn.ModuleList:
@@ -75,10 +75,10 @@ class TransformerPSM(CausalLM):
         self.agg_blocks = blocks(cfg.agg_layers)
         self.inf_blocks = blocks(cfg.inf_layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         init_weights(self, cfg.agg_layers + cfg.inf_layers)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.scan = prefix_scan
 
     def window_rope(self, start: int, stop: int, like: torch.Tensor) -> Rope:
         """The rotary table of window positions start..stop-1 (of 0..2c-1), on like's device and dtype."""
@@ -100,45 +100,24 @@ class TransformerPSM(CausalLM):
             z, rope = torch.cat((prefix, chunk), dim=1), self.window_rope(0, c + chunk.shape[1], chunk)
         return run_blocks(self.inf_blocks, z, rope, causal=True, keep=chunk.shape[1])
 
-    def check_sequence_parallel(self, seq_len: int, sp_size: int) -> None:
-        c = self.cfg.chunk_size
-        if seq_len % (sp_size * c):
-            raise ValueError(
-                f"sequence length {seq_len} is not divisible by parallel.sp * model.chunk_size = {sp_size} * {c}: "
-                "every rank must hold whole chunks"
-            )
-        check_tree_slices(seq_len // (sp_size * c), sp_size)
-
-    def hidden(self, tokens: torch.Tensor, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """T of any length (the last chunk is padded at the end).
-
-        Under sequence parallelism T is this rank's slice: whole chunks, a power of two of them.
-        """
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """T of any length (the last chunk is padded at the end). Positions are chunk-local (the
+        module docstring), so ``positions`` is not needed."""
         b, t = tokens.shape
         c, d = self.cfg.chunk_size, self.cfg.d_model
         n = -(-t // c)
         # Padding comes after every real token: causal Inf never sees it, and the last chunk's
         # state feeds no real prefix.
         x = F.pad(self.embed_drop(self.embed(tokens)), (0, 0, 0, n * c - t)).view(b, n, c, d)
-        prefixes, _ = prefix_scan(x, self.aggregate) if sp is None else sp_prefix_scan(x, self.aggregate, sp)
-        if sp is None:  # the sequence's first chunk has no prefix (P_0, the identity): Inf sees it alone
-            hidden = [self.infer(None, x[:, 0])]
-            if n > 1:
-                rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
-                hidden.append(rest.reshape(b, (n - 1) * c, d))
-            h = torch.cat(hidden, dim=1)
-        else:
-            # ZeRO-3 gathers parameters collectively at each module call, so every rank of the group makes the
-            # same two Inf calls: all its chunks with their prefixes (rank 0's first slot holds a placeholder),
-            # and its first chunk alone. A result not used stays in the graph as an exact zero, so that its
-            # backward runs on every rank too.
-            h = self.infer(prefixes.reshape(b * n, c, d), x.reshape(b * n, c, d)).reshape(b, n * c, d)
-            alone = self.infer(None, x[:, 0])
-            if sp.rank > 0:  # its first chunk has a prefix (known from the rank: no device-to-host sync)
-                h = h + graph_anchor(alone)
-            else:
-                h = torch.cat((alone, h[:, c:]), dim=1) + graph_anchor(h[:, :c])
-        return h[:, :t]
+        prefixes, first_has_prefix = self.scan(x, self.aggregate)
+        # The first chunk of a sequence has no prefix (P_0, the identity): Inf sees it alone. It is
+        # always a call of its own, so that a later slice of a split sequence (whose first chunk has a
+        # prefix) calls the Inf blocks exactly as often as the first slice.
+        first = self.infer(prefixes[:, 0] if first_has_prefix else None, x[:, 0])
+        if n == 1:
+            return first[:, :t]
+        rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
+        return torch.cat((first, rest.reshape(b, (n - 1) * c, d)), dim=1)[:, :t]
 
     def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
         return TransformerPSMGenerationState(self)
@@ -181,7 +160,22 @@ class TransformerPSMGenerationState:
         if len(self.chunk) == c:
             self.scan.push(torch.cat(self.chunk, dim=1))
             self.chunk = []
-        return m.head(m.norm(h[:, 0]))
+        return m.logits(h[:, 0])
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The counter of every chunk but the last from one parallel upsweep (`OnlineScan.prefill`); the
+        last chunk's tokens (1 to c of them) are stepped, which yields their logits."""
+        check_fresh(self.tokens, tokens)
+        m = self.model
+        (b, n), c = tokens.shape, m.cfg.chunk_size
+        full = (n - 1) // c
+        if full:
+            x = m.embed(tokens[:, : full * c]).view(b, full, c, m.cfg.d_model)
+            self.scan = OnlineScan.prefill(x, m.aggregate)
+            self.tokens = full * c
+        for t in range(full * c, n):
+            logits = self.step(tokens[:, t])
+        return logits
 
     def nbytes(self) -> int:
         return self.scan.nbytes() + sum(c.nbytes() for c in self.caches) + tensor_nbytes(*self.chunk)

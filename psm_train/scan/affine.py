@@ -1,29 +1,10 @@
-"""The affine combine of PSM.md section 2, written once.
+"""The affine combine, re-exported for the scan package and the sequence-parallel exchange.
 
-An affine element (E, f) maps a state S to E ▷ S + f. Here E is a diagonal decay over the key
-dimension stored as its logarithm ``log_decay`` [..., K] (or [..., 1] for a scalar decay, which
-broadcasts), and f a state [..., K, V]. With the older element first:
-
-    combine((E_a, f_a), (E_b, f_b)) = (E_b ∘ E_a, f_b + E_b ▷ f_a),   identity (log 0 = 0, f = 0)
-
-The chunked PyTorch form, the Triton kernels' carry and the cross-rank exchange all use it.
+Defined in `psm_train.kernels.chunk_affine.combine` (kernels import nothing from psm_train), which
+says where it is used: the PyTorch chunked form and the cross-rank exchange apply it; the Triton
+kernels compute the same map inline.
 """
 
-from __future__ import annotations
+from psm_train.kernels.chunk_affine.combine import apply, combine
 
-import torch
-
-
-def combine(
-    log_decay_a: torch.Tensor, state_a: torch.Tensor, log_decay_b: torch.Tensor, state_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compose the older affine element a with the newer b.
-
-    log_decay_*: [..., K] or [..., 1]; state_*: [..., K, V]. Returns (log_decay, state).
-    """
-    return log_decay_a + log_decay_b, state_b + log_decay_b.exp().unsqueeze(-1) * state_a
-
-
-def apply(log_decay: torch.Tensor, state: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
-    """The element (E, f) applied to an incoming state S: E ▷ S + f. Shapes as in ``combine``."""
-    return state + log_decay.exp().unsqueeze(-1) * incoming
+__all__ = ["apply", "combine"]

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 
-from psm_train.graph_anchor import graph_anchor
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,11 +45,7 @@ def upsweep(x: torch.Tensor, agg: Aggregator) -> list[torch.Tensor]:
 
 
 def downsweep(
-    blocks: list[torch.Tensor],
-    n: int,
-    agg: Aggregator,
-    root_prefix: torch.Tensor | None = None,
-    uniform_calls: bool = False,
+    blocks: list[torch.Tensor], n: int, agg: Aggregator, root_prefix: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Exclusive prefixes [B, n, *S] from the upsweep's blocks.
 
@@ -58,11 +53,6 @@ def downsweep(
     left child inherits its parent's prefix; a right child gets Agg(parent prefix, left sibling).
     Without a root prefix the node starting at chunk 0 has the identity as prefix; its slot holds
     a placeholder (zeros) whose Agg result is never used.
-
-    uniform_calls: call agg on the same shapes with or without a root prefix (sequence-parallel
-    ranks under ZeRO-3 must call the Agg module equally often, forward and backward). Without a
-    root prefix the placeholder's pairs are then computed too, and their results only anchored in
-    the graph (an exact zero), never used.
     """
     x = blocks[0]
     levels = max(n - 1, 0).bit_length()  # tree height after padding n to a power of two
@@ -76,15 +66,13 @@ def downsweep(
         n_right = n_children // 2
         left_sibling = blocks[k - 1][:, 0 : 2 * n_right : 2]
         parent = prefix[:, :n_right]
-        if root_prefix is None and not uniform_calls:
+        if root_prefix is None:
             # The first right child's parent has the identity prefix: Agg(e, y) = y.
             right = left_sibling[:, :1]
             if n_right > 1:
                 right = torch.cat((right, _agg_batched(agg, parent[:, 1:], left_sibling[:, 1:])), dim=1)
         else:
             right = _agg_batched(agg, parent, left_sibling)
-            if root_prefix is None:
-                right = torch.cat((left_sibling[:, :1] + graph_anchor(right[:, :1]), right[:, 1:]), dim=1)
         if n_right < prefix.shape[1]:
             right = torch.cat((right, torch.zeros_like(prefix[:, :1])), dim=1)
         prefix = torch.stack((prefix, right), dim=2).flatten(1, 2)[:, :n_children]
@@ -93,27 +81,23 @@ def downsweep(
 
 def prefix_scan(
     x: torch.Tensor, agg: Aggregator, root_prefix: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, bool]:
     """Exclusive prefix scan of chunk states along the fixed Blelloch tree.
 
     x: [B, n, *S] chunk states; agg(older, newer) maps two [N, *S] tensors to [N, *S].
     root_prefix: [B, *S], the prefix of everything before x when x is an aligned power-of-two
     block of a larger tree (sequence parallelism); None means x starts the sequence.
 
-    Returns (prefixes [B, n, *S], has_prefix [n] bool): prefixes[:, i] is P_i; has_prefix is
-    False only at i = 0 when there is no root prefix (prefixes[:, 0] is then zeros and must not be
-    used). Each tree level is one batched agg call; about 2n agg applications in total.
+    Returns (prefixes [B, n, *S], first_has_prefix): prefixes[:, i] is P_i; first_has_prefix is
+    False when there is no root prefix, and prefixes[:, 0] is then zeros and must not be used. Each
+    tree level is one batched agg call; about 2n agg applications in total.
     """
     if x.dim() < 2 or x.shape[1] == 0:
         raise ValueError(f"prefix_scan expects x of shape [B, n, *S] with n >= 1, got {tuple(x.shape)}")
     n = x.shape[1]
     if root_prefix is not None and n & (n - 1):
         raise ValueError(f"with a root_prefix, x must hold a power-of-two number of chunks, got {n}")
-    prefixes = downsweep(upsweep(x, agg), n, agg, root_prefix)
-    has_prefix = torch.ones(n, dtype=torch.bool, device=x.device)
-    if root_prefix is None:
-        has_prefix[0] = False
-    return prefixes, has_prefix
+    return downsweep(upsweep(x, agg), n, agg, root_prefix), root_prefix is not None
 
 
 class OnlineScan:
@@ -124,6 +108,8 @@ class OnlineScan:
     left fold of the roots from the largest block to the smallest, which is exactly the
     downsweep's fold. ``folds[k]`` caches the fold of the roots at levels >= k, so that a push costs
     its carries plus one fold: amortized at most 2 Agg calls per chunk, parenthesisation unchanged.
+    `prefill` (or `from_upsweep`) builds the counter of a whole prompt's chunks from one parallel
+    upsweep instead of pushing them one by one.
     """
 
     def __init__(self, agg: Aggregator):
@@ -136,6 +122,49 @@ class OnlineScan:
     def _call(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         self.agg_calls += 1
         return self.agg(older, newer)
+
+    @classmethod
+    def from_upsweep(cls, blocks: list[torch.Tensor], n: int, agg: Aggregator) -> OnlineScan:
+        """The counter after pushing chunks 0..n-1 one by one, read off `upsweep`'s ``blocks``.
+
+        blocks: upsweep(x, agg) for chunk states x [B, n', *S], n' >= n. The root at level k (bit k
+        of n set) is the aligned block of 2^k chunks that ends where the lower bits of n begin: the
+        block the carries of the pushes would have built. The cached folds are the roots' left folds
+        from the largest block down, as `push` builds them: popcount(n) - 1 Agg calls.
+        """
+        available = blocks[0].shape[1]
+        if not 0 <= n <= available:
+            raise ValueError(f"n: expected 0 <= n <= {available} (the chunks the blocks were built from), got {n}")
+        scan = cls(agg)
+        levels = n.bit_length()
+        scan.roots = [None] * levels
+        scan.folds = [None] * levels
+        above = None
+        for k in range(levels - 1, -1, -1):
+            if n >> k & 1:
+                root = blocks[k][:, (n >> k) - 1].clone()  # a copy: a view would keep the whole level alive
+                scan.roots[k] = root
+                scan.folds[k] = above = root if above is None else scan._call(above, root)
+        scan.chunks = n
+        return scan
+
+    @classmethod
+    def prefill(cls, x: torch.Tensor, agg: Aggregator) -> OnlineScan:
+        """The counter after pushing the chunk states x [B, n, *S] one by one, built from one parallel
+        upsweep (one batched Agg call per level) plus popcount(n) - 1 fold calls, all counted in agg_calls."""
+        if x.dim() < 2:
+            raise ValueError(f"prefill expects x of shape [B, n, *S], got {tuple(x.shape)}")
+        calls = 0
+
+        def counted(older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return agg(older, newer)
+
+        blocks = upsweep(x, counted)
+        scan = cls.from_upsweep(blocks, x.shape[1], agg)
+        scan.agg_calls += calls
+        return scan
 
     def push(self, x: torch.Tensor) -> None:
         """Add the next chunk state x [B, *S]."""

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from psm_train.config import ParallelConfig, TrainConfig
-from psm_train.train.optim import build_optimizer
+from psm_train.distributed.env import init_single_rank_group
+from psm_train.train.optim import build_optimizer, param_groups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -52,6 +53,15 @@ def merge_canonical(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def step_counter(optimizer: torch.optim.Optimizer, step: int, device: torch.device) -> torch.Tensor | int:
+    """AdamW's step count in the form the optimizer keeps it: a tensor on the parameters' device for the fused
+    kernel, on the CPU otherwise, and a plain int for DeepSpeed's CPUAdam (its C++ update takes an int)."""
+    if type(optimizer).__name__ == "DeepSpeedCPUAdam":
+        return step
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    return torch.tensor(float(step), device=device if fused else "cpu")
+
+
 def check_names(model: nn.Module, state: dict[str, Any], where: str) -> None:
     expected = {n for n, _ in named_unique_parameters(model)}
     stored = set(state["params"])
@@ -61,37 +71,148 @@ def check_names(model: nn.Module, state: dict[str, Any], where: str) -> None:
                          "was it saved with another model config?")
 
 
-class TorchEngine:
-    """Replicated parameters and AdamW; one coalesced all-reduce (SUM) of all gradients per step."""
+class GradientBuckets:
+    """Every rank's gradients summed (all-reduce SUM), bucket by bucket, while the backward still runs.
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig):
+    Each parameter's ``.grad`` is a view into its bucket's flat buffer, so autograd accumulates
+    into the buffer and the all-reduce needs no copy. Buckets hold parameters in reverse
+    registration order (about the order the backward finishes them); a bucket is launched
+    asynchronously once the post-accumulate-grad hooks of all its parameters have fired. Buckets are
+    launched strictly in index order, so every rank issues the same collectives in the same order
+    even where ranks use different parameters; after the backward, the buckets still waiting (a
+    parameter this rank did not use keeps its zero gradient) are launched too.
+
+    ``overlap=False`` launches every bucket only after the backward (one bucket: one all-reduce).
+    """
+
+    def __init__(self, params: list[nn.Parameter], bucket_bytes: float, overlap: bool):
+        self.overlap = overlap
+        self.buckets: list[list[nn.Parameter]] = []
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in reversed(params):
+            by_dtype.setdefault((p.dtype, p.device), []).append(p)
+        for same in by_dtype.values():
+            bucket, size = [], 0
+            for p in same:
+                if bucket and size + p.numel() * p.element_size() > bucket_bytes:
+                    self.buckets.append(bucket)
+                    bucket, size = [], 0
+                bucket.append(p)
+                size += p.numel() * p.element_size()
+            self.buckets.append(bucket)
+        self.buffers = []
+        self.bucket_of: dict[nn.Parameter, int] = {}
+        self.views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for i, bucket in enumerate(self.buckets):
+            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            self.buffers.append(flat)
+            offset = 0
+            for p in bucket:
+                self.views.append((p, flat[offset : offset + p.numel()].view_as(p)))
+                offset += p.numel()
+                self.bucket_of[p] = i
+        self.attach()
+        self.handles: list[Any] = []
+        self.ready = [0] * len(self.buckets)
+        self.syncing = False  # this backward is the step's last: its hooks may launch buckets
+        if overlap:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self.syncing:
+            return
+        self.ready[self.bucket_of[p]] += 1
+        self._launch(ready_only=True)
+
+    def _launch(self, ready_only: bool) -> None:
+        while len(self.handles) < len(self.buckets):
+            i = len(self.handles)
+            if ready_only and self.ready[i] < len(self.buckets[i]):
+                return
+            self.handles.append(dist.all_reduce(self.buffers[i], async_op=True))
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        if self.handles:
+            raise RuntimeError("engine.backward after a synchronising backward (sync=True) of the same step: "
+                               "with gradient accumulation pass sync=False for every micro-batch but the last")
+        self.syncing = sync and self.overlap
+        try:
+            loss.backward()
+        finally:
+            self.syncing = False
+        if sync:
+            self._launch(ready_only=False)
+
+    def attach(self) -> None:
+        """Point every parameter's .grad at its slice of the buckets."""
+        for p, view in self.views:
+            p.grad = view
+
+    def wait(self) -> None:
+        """Block until every bucket is summed over the ranks (the step's last backward launched them)."""
+        if len(self.handles) != len(self.buckets):
+            raise RuntimeError("engine.step before a synchronising backward: the last micro-batch needs sync=True")
+        for handle in self.handles:
+            handle.wait()
+        # A gradient outside the buckets was never summed: something replaced it (zero_grad(set_to_none=True)?).
+        for p, view in self.views:
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                raise RuntimeError("a parameter's .grad was replaced during the step; the torch engine keeps the "
+                                   "gradients in its buckets: leave zeroing them to engine.step")
+
+    def zero(self) -> None:
+        for flat in self.buffers:
+            flat.zero_()
+        self.attach()
+        self.handles = []
+        self.ready = [0] * len(self.buckets)
+
+
+class TorchEngine:
+    """Replicated parameters and AdamW; gradients summed over the ranks by `GradientBuckets` (none in a
+    single process)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, par: ParallelConfig | None = None):
+        par = par or ParallelConfig()
         self.module = model
         self.params = [p for _, p in named_unique_parameters(model)]
         self.optimizer = build_optimizer(model, cfg)
         self.grad_clip = cfg.grad_clip
+        self.buckets = None
+        if world()[1] > 1:
+            self.buckets = GradientBuckets(self.params, par.bucket_mb * 2**20, overlap=par.grad_reduce == "overlapped")
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.module(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Accumulate loss's gradients; ``sync`` (the step's last micro-batch) also sums them over the ranks."""
+        if self.buckets is None:
+            loss.backward()
+        else:
+            self.buckets.backward(loss, sync)
+
+    def reduce_gradients(self) -> None:
+        """Wait for the summed gradients; afterwards every parameter has one (zeros where none flowed)."""
+        if self.buckets is not None:
+            self.buckets.wait()
+            return
+        for p in self.params:
+            if p.grad is None:  # as on several ranks, where it is zero: AdamW still decays it and its moments
+                p.grad = torch.zeros_like(p)
 
     def step(self, lr: float) -> torch.Tensor:
         """Reduce gradients, clip, step, zero; returns the gradient norm before clipping."""
-        params = self.params
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if world()[1] > 1:
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-            dist.all_reduce(flat)
-            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(g)
-        norm = nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.reduce_gradients()
+        norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.buckets is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.buckets.zero()  # the gradients stay views into the buckets
         return norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -116,7 +237,7 @@ class TorchEngine:
                 p.copy_(state["params"][name])
                 if state["optimizer_step"] is not None:
                     self.optimizer.state[p] = {
-                        "step": torch.tensor(float(state["optimizer_step"])),
+                        "step": step_counter(self.optimizer, state["optimizer_step"], p.device),
                         **{k: state[k][name].to(p.device, p.dtype).clone() for k in MOMENTS},
                     }
 
@@ -161,7 +282,20 @@ class DeepSpeedEngine:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        optimizer = build_optimizer(model, cfg)
+        if par.offload_optimizer:
+            # DeepSpeed refuses a client optimizer other than its CPUAdam with ZeRO-Offload (zero_force_ds_cpu_optimizer).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            pinned = next(model.parameters()).is_cuda  # pinning needs CUDA
+            ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
+            optimizer = DeepSpeedCPUAdam(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                         adamw_mode=True)
+        else:
+            optimizer = build_optimizer(model, cfg)
+        if world()[0] == 0:
+            where = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions (set TORCH_EXTENSIONS_DIR to move it)"
+            print(f"DeepSpeed may compile its C++/CUDA extensions on first use (minutes, silently); cached in {where}",
+                  flush=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                                   dist_init_required=False)
         self.module = self.engine.module
@@ -169,7 +303,8 @@ class DeepSpeedEngine:
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.engine(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """``sync`` is TorchEngine's; DeepSpeed knows the accumulation boundary from its own micro-batch count."""
         self.engine.backward(loss * self.scale)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed counts micro-batches here; no optimizer step yet
@@ -198,7 +333,7 @@ class DeepSpeedEngine:
         base = self._base_optimizer()
         for flat in self._flat_partitions():
             if flat not in base.state or "exp_avg" not in base.state[flat]:
-                base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                base.state[flat] = {"step": step_counter(base, step, flat.device), "exp_avg": torch.zeros_like(flat),
                                     "exp_avg_sq": torch.zeros_like(flat)}
         if self.zero_stage in (1, 2):
             self.optimizer._hp_optimizer_states_linked = False
@@ -249,7 +384,7 @@ class DeepSpeedEngine:
                     p.copy_(value)
                 if self.zero_stage == 0:
                     if state["optimizer_step"] is not None:
-                        base.state[p] = {"step": torch.tensor(float(state["optimizer_step"])),
+                        base.state[p] = {"step": step_counter(base, state["optimizer_step"], p.device),
                                          **{k: state[k][name].to(p.device).clone() for k in MOMENTS}}
                     continue
                 safe_set_full_fp32_param(p, value.to(p.device))
@@ -257,13 +392,15 @@ class DeepSpeedEngine:
                     for k in MOMENTS:
                         safe_set_full_optimizer_state(p, state[k][name].to(p.device), k)
         if self.zero_stage and state["optimizer_step"] is not None:
-            for s in base.state.values():
-                s["step"] = torch.tensor(float(state["optimizer_step"]))
+            for flat, s in base.state.items():
+                s["step"] = step_counter(base, state["optimizer_step"], flat.device)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, par: ParallelConfig, micro_batch: int, bf16: bool):
     if par.engine == "torch":
-        return TorchEngine(model, cfg)
-    if model.parameters().__next__().device.type == "cpu":
+        return TorchEngine(model, cfg, par)
+    device_type = model.parameters().__next__().device.type
+    if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_single_rank_group(device_type)  # world size 1: DeepSpeed still wants a process group
     return DeepSpeedEngine(model, cfg, par, micro_batch, bf16)

@@ -10,6 +10,38 @@ from pathlib import Path
 from typing import Any
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (written after the checkpoint a run resumes from), so curves don't double back.
+
+    An unparsable last line is what a crash or a full disk leaves mid-write: dropped with a warning. An
+    unparsable line elsewhere is damage this function will not guess about: ValueError naming the line.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: dropping a partly written last line ({line[:60]!r})",
+                      file=sys.stderr, flush=True)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics record ({type(e).__name__}: {e}); "
+                             "fix or delete the line, then resume") from None
+        if record_step <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)  # a crash here leaves the old file, never a half-rewritten one
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_run: Any = None, stream=None):
         self.path = run_dir / "metrics.jsonl"

@@ -1,14 +1,18 @@
-"""Scaling laws over a sweep: collect its members' final metrics, fit L(N, D) per model family.
+"""Scaling laws: fit L(N, D) = E + A/N^alpha + B/D^beta per model family on a CSV of (N, D, loss) rows,
+the compute-optimal frontier, and plots.
 
-``collect`` reads each finished member's ``summary.json`` (written by the trainer next to
-``final.pt``) into a CSV with one row per member: member, family, N (unique parameters including
-embeddings), D (training tokens), C = 6ND, the chosen loss, the metric's name and the swept values.
+The CSV is what ``psm-train sweep collect`` writes (psm_train/launch/collect.py): one row per (N, D)
+point with member, family, N (parameters including embeddings), N_non_embedding, D (training tokens),
+C = 6ND, the loss, the metric's name and the member's swept values.
 
-``fit`` fits the Chinchilla form L(N, D) = E + A/N^alpha + B/D^beta per family: least squares on
-log-space residuals with a Huber loss (robust to a diverged or unlucky member), bounded parameters,
-a grid of starts keeping the best, and bootstrap over rows for the uncertainty. With C = 6ND the
-loss is lowest at N_opt = G (C/6)^a, D_opt = (C/6)^b / G, where a = beta/(alpha+beta), b = 1 - a and
-G = (alpha A / (beta B))^(1/(alpha+beta)) -- the compute-optimal frontier.
+The fit is least squares on log-space residuals with a Huber loss (robust to a diverged or unlucky
+member), bounded parameters, a grid of starts keeping the best, and bootstrap over rows for the
+uncertainty. With C = 6ND the loss is lowest at N_opt = G (C/6)^a, D_opt = (C/6)^b / G, where
+a = beta/(alpha+beta), b = 1 - a and G = (alpha A / (beta B))^(1/(alpha+beta)) -- the compute-optimal
+frontier.
+
+scipy and matplotlib are optional dependencies (``pip install 'psm-train[analysis]'``), imported where
+they are used.
 """
 
 from __future__ import annotations
@@ -17,16 +21,13 @@ import csv
 import itertools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from psm_train.launch.sweep import Member, load_sweep
-
-COLUMNS = ["member", "family", "N", "D", "C", "loss", "metric"]
+COLUMNS = ["member", "family", "N", "D", "C", "loss", "metric"]  # collect writes these first, then its own
 PARAMS = ("E", "A", "B", "alpha", "beta")
 # Optimised as (log E, log A, log B, alpha, beta): A and B span many orders of magnitude.
 LOWER = np.array([-20.0, -20.0, -20.0, 0.01, 0.01])
@@ -39,98 +40,7 @@ class ScalingError(ValueError):
     """Input that cannot be collected or fitted; the message names the file and the field."""
 
 
-# ---------------------------------------------------------------- collect
-
-
-@dataclass
-class Collected:
-    rows: list[dict[str, Any]]
-    unfinished: list[str]  # "slug: why"
-    metric: str
-    out_dir: Path  # the sweep's
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The member's summary.json, or None when the run has not finished."""
-    path = run_dir / "summary.json"
-    if not (run_dir / "final.pt").is_file() or not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ScalingError(f"{path}: not valid JSON: {e}") from None
-    for key in ("model", "n_params", "tokens"):
-        if key not in summary:
-            raise ScalingError(f"{path}: field {key!r} missing")
-    return summary
-
-
-def metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The metrics a fit may use: the flat eval metrics and train_loss."""
-    out = dict(summary.get("eval") or {})
-    if summary.get("train_loss") is not None:
-        out["train_loss"] = summary["train_loss"]
-    return out
-
-
-def _eval_length(key: str) -> int:
-    digits = re.findall(r"\d+", key.split("/")[1])
-    return int(digits[0]) if digits else 0
-
-
-def default_metric(summaries: list[dict[str, Any]]) -> str:
-    """The eval loss at the shortest length all members have: in this repo's tasks that is the
-    training length (longer ones measure extrapolation, not fit); train_loss without eval."""
-    common = set.intersection(*(set(metrics(s)) for s in summaries))
-    losses = [k for k in common if re.fullmatch(r"eval/[^/]+/loss", k)]
-    if losses:
-        return min(losses, key=lambda k: (_eval_length(k), k))
-    if "train_loss" in common:
-        return "train_loss"
-    raise ScalingError("no loss metric common to every finished member (eval/*/loss or train_loss); "
-                       "choose one with --metric")
-
-
-def flat_values(values: dict[str, Any]) -> dict[str, Any]:
-    """A member's swept values with replaced sections spelled as dotted keys, for CSV columns."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
-def _row(member: Member, summary: dict[str, Any], metric: str, where: Path) -> dict[str, Any]:
-    found = metrics(summary)
-    if metric not in found:
-        raise ScalingError(f"{where}: no metric {metric!r} (has: {', '.join(sorted(found)) or 'none'})")
-    n, d = int(summary["n_params"]), int(summary["tokens"])
-    return {"member": member.slug, "family": summary["model"], "N": n, "D": d, "C": 6.0 * n * d,
-            "loss": float(found[metric]), "metric": metric, **flat_values(member.values)}
-
-
-def collect(sweep_path: str | Path, metric: str | None = None) -> Collected:
-    """Rows of the sweep's finished members; the others are listed as unfinished."""
-    sweep = load_sweep(sweep_path)
-    done: list[tuple[Member, dict[str, Any]]] = []
-    unfinished = []
-    for m in sweep.members:
-        run_dir = Path(m.cfg.run_dir)
-        summary = read_summary(run_dir)
-        if summary is not None:
-            done.append((m, summary))
-        elif (run_dir / "final.pt").is_file():
-            unfinished.append(f"{m.slug}: final.pt but no summary.json in {run_dir}")
-        else:
-            unfinished.append(f"{m.slug}: not finished (no final.pt in {run_dir})")
-    if not done:
-        raise ScalingError(f"sweep {sweep.name}: no finished member in {sweep.out_dir} "
-                           f"(run `psm-train sweep {sweep_path}` first)")
-    metric = metric or default_metric([s for _, s in done])
-    rows = [_row(m, s, metric, Path(m.cfg.run_dir) / "summary.json") for m, s in done]
-    return Collected(rows, unfinished, metric, sweep.out_dir)
+# ---------------------------------------------------------------- CSV
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -426,6 +336,11 @@ def plot_isoflop(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, 
 
 def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: int = 0) -> dict[str, Any]:
     """Fit every family of a collected CSV; print the report, write fit.json and the PNG plots."""
+    try:
+        import matplotlib  # noqa: F401
+        import scipy  # noqa: F401
+    except ImportError as e:
+        raise ScalingError(f"fitting needs scipy and matplotlib ({e}): pip install 'psm-train[analysis]'") from None
     rows = read_csv(csv_path)
     names = sorted({r.get("metric") or "loss" for r in rows})
     if len(names) > 1:
