@@ -138,7 +138,7 @@ def cmd_sweep_fit(args: argparse.Namespace) -> None:
 
     try:
         fit_csv(args.path, args.out_dir or Path(args.path).parent,
-                200 if args.bootstrap is None else args.bootstrap, args.seed or 0)
+                200 if args.bootstrap is None else args.bootstrap, args.seed or 0, args.n_column)
     except ScalingError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -209,7 +209,7 @@ def _sweep_local(args: argparse.Namespace, sweep, todo) -> None:
         runs = run_local(sweep, todo, opts, budget_s=args.budget or 0, refresh_s=args.refresh or 5)
     except SubmissionError as e:
         raise SystemExit(f"error: {e}") from None
-    for line in summary_lines(runs):
+    for line in summary_lines(sweep, runs):
         print(line)
     failed = [r for r in runs if r.state == "failed"]
     if failed:
@@ -265,4 +265,6 @@ def add_commands(sub: argparse._SubParsersAction, add_overrides) -> None:
     p.add_argument("--out-dir", help="fit.json and the PNG plots (default: the CSV's directory)")
     p.add_argument("--bootstrap", type=int, help="resamples for the uncertainty (default 200; 0: none)")
     p.add_argument("--seed", type=int, help="the bootstrap's seed (default 0)")
+    p.add_argument("--n-column", choices=("N", "N_non_embedding"), default="N",
+                   help="the CSV column fitted as N: all parameters (default) or those outside the embeddings")
     p.set_defaults(func=cmd_sweep_fit)

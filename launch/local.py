@@ -307,12 +307,15 @@ def run_local(sweep: Sweep, members: list[Member], opts: LocalOptions, budget_s:
     return runs
 
 
-def summary_lines(runs: list[LocalRun]) -> list[str]:
+def summary_lines(sweep: Sweep, runs: list[LocalRun]) -> list[str]:
     """What is left to do, for the end of the command."""
     lines = []
-    waiting = [r for r in runs if r.state == "waiting"]
-    for r in waiting:
-        lines.append(f"{r.member.slug}: waits for {r.member.parent} to save step {r.member.branch_step}")
+    for r in runs:
+        if r.state == "waiting":
+            parent = Path(sweep.member(r.member.parent).cfg.run_dir)
+            why = (f"{r.member.parent} finished without keeping it (checkpoint.keep_every)"
+                   if (parent / "final.pt").is_file() else f"{r.member.parent} has not saved it yet")
+            lines.append(f"{r.member.slug}: waits for step {r.member.branch_step}: {why}")
     left = [r for r in runs if r.state in ("pending", "waiting", "stopped")]
     if left:
         lines.append(f"{len(left)} member(s) not finished: run the same command again to continue them")

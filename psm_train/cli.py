@@ -198,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out, state = generate(model, prompt, args.max_new_tokens, sampling, args.seed,
                               stop_id=tokenizer.eot_id if tokenizer else None)
     except ValueError as e:
-        raise SystemExit(f"--prompt: {e}" if "token ids" in str(e) else str(e)) from None
+        raise SystemExit(f"error: {e}") from None
     if tokenizer is not None and args.prompt_ids is None:
         print(args.prompt + tokenizer.decode(out))
         print()

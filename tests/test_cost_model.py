@@ -125,3 +125,18 @@ def test_script_predicts_weak_scaling(tmp_path):
     assert at[64, 1, 0]["dp_comm_s"] > at[8, 1, 0]["dp_comm_s"]  # across nodes: the slower network
     assert at[8, 1, 3]["memory_gib"] < at[8, 1, 0]["memory_gib"]
     assert "Longest trainable sequence" in done.stdout and math.isfinite(rows[0]["memory_gib"])
+
+
+def test_bench_rows_give_throughput_and_activation_memory(tmp_path):
+    row = {"name": "transformer", "status": "ok", "config": "configs/lm_transformer_170m.yaml", "overrides": [],
+           "seq_len": 512, "batch_size": 64, "tokens_per_step": 64 * 512, "vocab_size": 50257,
+           "tokens_per_s": 200000.0, "peak_mem_gib": 30.0}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [row, {**row, "name": "crashed", "status": "oom", "tokens_per_s": None}]}))
+    (m,) = cost_model.from_bench(str(bench))
+    n_params = sum(p.numel() for p in {id(p): p for p in meta_model(m.model_name, m.model_cfg, 50257).parameters()}.values())
+    assert m.act_bytes_per_token == pytest.approx((30 * 2**30 - 16 * n_params) / (64 * 512))
+    assert (m.rows, m.seq_len, m.tokens_per_s) == (64, 512, 200000.0)
+    # One GPU, batch 1: static 16 P, then activations per token (the transformer's gathered K/V need sp > 1).
+    gpu = 80 * 2**30
+    assert cost_model.longest_sequence(m, 1, 0, gpu) == int((gpu - 16 * n_params) / m.act_bytes_per_token)

@@ -136,6 +136,32 @@ def test_sweep_is_one_job_array_and_resubmission_skips_finished_members(tmp_path
     assert listing.count("COMPLETED") == 3 and listing.count("12/12") == 3
 
 
+def test_sweep_branches_wait_for_their_stable_run_then_resume_from_its_checkpoint(tmp_path):
+    """The same sweep file with WSD decay branches on SLURM: the first submission runs the stable member and
+    leaves the branches waiting; once it has saved the branch points, a re-submission runs the branches."""
+    sweep = tmp_path / "sweep.yaml"
+    sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in TINY[1::2])}
+    sets.update({"train.schedule": "wsd", "train.warmup_steps": 2, "train.decay_steps": 2,
+                 "checkpoint.every": 4, "checkpoint.keep_every": 4})
+    sweep.write_text(json.dumps({
+        "name": "wsd", "config": str(REPO / "configs/quickstart.yaml"), "out_dir": str(tmp_path / "out"), "set": sets,
+        "branches": {"steps": [6, 10], "decay_steps": 2}, "slurm": {"cpus_per_task": 1, "time": "10"}}))
+    first = psm_train("sweep", str(sweep)).stdout
+    assert "base,branch=6: waiting -> skip" in first and "(1 members, " in first
+    ids = [line.split(": job ")[1] for line in first.splitlines() if ": job " in line]
+    assert set(wait_for(ids).values()) == {"COMPLETED"}
+
+    second = psm_train("sweep", str(sweep)).stdout
+    assert "base: finished -> skip" in second and "base,branch=10: new -> submit" in second
+    ids = dict(line.strip().split(": job ") for line in second.splitlines() if ": job " in line)
+    assert len(ids) == 2 and set(wait_for(list(ids.values())).values()) == {"COMPLETED"}
+    for steps, start in ((6, 4), (10, 8)):
+        run_dir = tmp_path / "out" / f"base,branch={steps}"
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
+        log = tmp_path / "out" / "logs" / f"{ids[run_dir.name]}_0_log.out"  # an array's logs: the sweep's
+        assert f"step_{start:09d} at step {start} " in log.read_text()
+
+
 class AbortOnTeardown:
     def __del__(self):
         os.abort()

@@ -4,7 +4,6 @@ resume from their stable run's checkpoint at the branch point and are collected 
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import textwrap

@@ -148,6 +148,14 @@ def test_cli_collect_then_fit(tmp_path, capsys):
     for name in ("loss_vs_compute.png", "isoflop.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # N without the embeddings (the CSV's N_non_embedding column, from summary.json)
+    assert "N_non_embedding" in header
+    main(["sweep", "fit", str(out), "--out-dir", str(tmp_path / "plots_ne"), "--bootstrap", "0",
+          "--n-column", "N_non_embedding"])
+    assert "8 rows, metric eval/len32/loss, N = N_non_embedding" in capsys.readouterr().out
+    result = json.loads((tmp_path / "plots_ne" / "fit.json").read_text())
+    assert result["N"] == "N_non_embedding" and result["families"]["transformer"]["points"] == 6
+
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     sweep = _sweep(tmp_path)

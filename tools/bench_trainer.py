@@ -121,7 +121,6 @@ CATEGORIES = [
                 "cublas", "xmma", "sm90_", "sm80_")),
     ("elementwise/reduction", ("elementwise", "vectorized", "reduce", "copy", "triton_", "cat", "fill", "mul", "add",
                                "silu", "rsqrt", "pow", "mean", "aten::")),
-    ("autograd/framework (host)", ("autograd::", "backward", "profilerstep", "detach")),
 ]
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 
@@ -270,12 +269,12 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| configuration | status | tokens/s | MFU | peak GiB | ckpt blocked s (max) | final loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | status | tokens/step | tokens/s | MFU | peak GiB | ckpt blocked s (max) | final loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         blocked = r.get("checkpoint_blocked_s")
         print(f"| {r['name']} | {r['status']}{'' if not r.get('error') else ': ' + r['error'][:80]} "
-              f"| {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} "
+              f"| {fmt(r.get('tokens_per_step'), ',')} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} "
               f"| {fmt(max(blocked) if blocked else None, '.2f')} | {fmt(r.get('final_loss'), '.4f')} |")
 
 
@@ -295,6 +294,10 @@ def print_profile(rows: list[dict]) -> None:
         vocab = prof["loss_vocab_ms_per_step"]
         print(f"of which inside the loss and vocabulary projection (its matrix products included): {vocab:.2f} ms a step "
               f"({vocab * prof['steps'] * 1e3 / total:.1%})")
+        print("| kernel (top 15) | ms a step |")
+        print("|---|---|")
+        for name, ms in prof.get("top", []):
+            print(f"| {name[:100]} | {ms:.2f} |")
 
 
 # ---- the child that runs the trainer under torch.profiler ----
@@ -338,18 +341,25 @@ def profile_child(args) -> None:
 
     vocab = padded_vocab(args.profile_vocab)
     totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     in_vocab = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
-        on_cpu = evt.device_type == DeviceType.CPU
-        if on_cpu and vocab_scope(evt.key, str(evt.input_shapes), vocab):
+        if evt.device_type == DeviceType.CPU and vocab_scope(evt.key, str(evt.input_shapes), vocab):
             in_vocab += evt.device_time_total if cuda else evt.cpu_time_total
-        # Kernels carry the device time (CPU operators repeat it); on a CPU-only run the operators' own time.
-        us = evt.self_cpu_time_total if not cuda else (0 if on_cpu else evt.self_device_time_total)
+    for evt in prof.events():
+        # On GPU only kernels, copies and memsets count: annotations on the device timeline (compiled graphs,
+        # autograd, profiler steps) span many kernels and would count them twice. On CPU the operators' own time.
+        if cuda and (evt.device_type == DeviceType.CPU or evt.is_user_annotation):
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
         if us > 0:
-            totals[category(evt.key)] = totals.get(category(evt.key), 0.0) + us
+            totals[category(evt.name)] = totals.get(category(evt.name), 0.0) + us
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + us
     busy_ms = sum(totals.values()) / 1e3 / active
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
     out = {"steps": active, "time": "device" if cuda else "CPU", "wall_ms_per_step": wall_ms,
-           "busy_ms_per_step": busy_ms, "loss_vocab_ms_per_step": in_vocab / 1e3 / active, "categories": totals}
+           "busy_ms_per_step": busy_ms, "loss_vocab_ms_per_step": in_vocab / 1e3 / active, "categories": totals,
+           "top": [[name[:120], us / 1e3 / active] for name, us in top]}
     if cuda:
         out["categories"]["idle (data, host, syncs)"] = max(0.0, wall_ms - busy_ms) * 1e3 * active
     (Path(cfg.run_dir) / "profile.json").write_text(json.dumps(out, indent=1))
@@ -399,24 +409,24 @@ def main() -> None:
         args.steps = args.profile_steps + 3
     args.run_root = str(Path(args.run_root).resolve())  # the runs start in the repository root
     data = manifests_by_length([str(Path(d).resolve()) for d in args.data])
+    from psm_train.train.state import code_version
+
     rows = []
+    result = {"tool": "bench_trainer", "preset": args.preset, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "peak_flops": peak, "torch": torch.__version__, "code_version": code_version(),
+              "steps": args.steps, "warmup": args.warmup, "log_every": args.log_every, "profile": args.profile,
+              "rows": rows}
     for bench in benches:
         print(f"{bench.name} ...", flush=True)
         rows.append(measure(bench, args, data, peak))
         r = rows[-1]
         print(f"  {r['status']}" + (f": {r['error']}" if r.get("error") else "")
               + (f", {r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""), flush=True)
-    from psm_train.train.state import code_version
-
-    result = {"tool": "bench_trainer", "preset": args.preset, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": device, "peak_flops": peak, "torch": torch.__version__, "code_version": code_version(),
-              "steps": args.steps, "warmup": args.warmup, "log_every": args.log_every, "profile": args.profile,
-              "rows": rows}
+        if args.out:  # after every row: a run stopped from outside keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=1))
     print()
     print(f"{device}, torch {torch.__version__}, {result['code_version']}, {result['date']}")
     print_profile(rows) if args.profile else print_table(rows)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,22 +53,24 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
         writer.writerows(rows)
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows with N, D and loss as floats (C is recomputed as 6ND); errors name the line and the column."""
+def read_csv(path: str | Path, n_column: str = "N") -> list[dict[str, Any]]:
+    """Rows with N, D and loss as floats (C is recomputed as 6ND); errors name the line and the column.
+    ``n_column`` is the column read as N: N (all parameters) or N_non_embedding."""
     path = Path(path)
     if not path.is_file():
         raise ScalingError(f"{path}: no such file")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    missing = [c for c in ("family", "N", "D", "loss") if rows and c not in rows[0]]
+    missing = [c for c in ("family", n_column, "D", "loss") if rows and c not in rows[0]]
     if not rows or missing:
         raise ScalingError(f"{path}: " + (f"column {missing[0]!r} missing" if rows else "no rows"))
     for line, row in enumerate(rows, start=2):
-        for col in ("N", "D", "loss"):
+        for col in (n_column, "D", "loss"):
             try:
                 row[col] = float(row[col])
             except (TypeError, ValueError):
                 raise ScalingError(f"{path}, line {line}: column {col!r}: expected a number, got {row[col]!r}") from None
+        row["N"] = row[n_column]
     return rows
 
 
@@ -334,14 +336,16 @@ def plot_isoflop(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, 
     fig.savefig(path, dpi=120)
 
 
-def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Fit every family of a collected CSV; print the report, write fit.json and the PNG plots."""
+def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: int = 0,
+            n_column: str = "N") -> dict[str, Any]:
+    """Fit every family of a collected CSV (N read from ``n_column``); print the report, write fit.json and the
+    PNG plots."""
     try:
         import matplotlib  # noqa: F401
         import scipy  # noqa: F401
     except ImportError as e:
         raise ScalingError(f"fitting needs scipy and matplotlib ({e}): pip install 'psm-train[analysis]'") from None
-    rows = read_csv(csv_path)
+    rows = read_csv(csv_path, n_column)
     names = sorted({r.get("metric") or "loss" for r in rows})
     if len(names) > 1:
         raise ScalingError(f"{csv_path}: rows of several metrics ({', '.join(names)}); fit one at a time")
@@ -351,7 +355,7 @@ def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: i
     if not rows:
         raise ScalingError(f"{csv_path}: no row with a positive, finite N, D and loss")
     fits = fit_rows(rows, boots, seed)
-    print(f"{csv_path}: {len(rows)} rows, metric {names[0]}")
+    print(f"{csv_path}: {len(rows)} rows, metric {names[0]}, N = {n_column}")
     print(format_report(fits, rows))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +366,7 @@ def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: i
         plot_isoflop(fits, rows, plots[1], names[0])
     else:
         print("no family could be fitted: no iso-FLOP plot")
-    result = {"csv": str(csv_path), "metric": names[0], "families": {f.family: _fit_json(f, rows) for f in fits},
+    result = {"csv": str(csv_path), "metric": names[0], "N": n_column, "families": {f.family: _fit_json(f, rows) for f in fits},
               "plots": [str(p) for p in plots]}
     (out_dir / "fit.json").write_text(json.dumps(result, indent=1))
     print("wrote " + ", ".join(str(p) for p in [out_dir / "fit.json", *plots]))

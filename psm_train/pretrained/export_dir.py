@@ -149,13 +149,11 @@ def build_exported_model(config: dict[str, Any], where: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load model.safetensors into ``model``: psm-train names, or a Hugging Face save of the wrapper
-    (the same names under ``model.``); a tied weight may be stored under one of its names only."""
+    """Load model.safetensors (psm-train's parameter names) into ``model``; a tied weight is stored under
+    one of its names only."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    if tensors and all(k.startswith("model.") for k in tensors):
-        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     aliases: dict[int, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         aliases.setdefault(id(t), []).append(name)

@@ -225,7 +225,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         weights = engine.full_state_dict()
         if proc.main:
             run.finish(weights, final_eval, {**counts, "tokens": tokens, "train_loss": last_loss,
-                                             "eval": eval_summary(final_eval)})
+                                             "eval": eval_summary(final_eval)}, source.vocab_size, version)
             show(f"done in {progress.elapsed() if progress else 0:.0f}s; checkpoint {run.path / 'final.pt'}", final=True)
             logger.close()
         return eval_summary(final_eval)

@@ -99,11 +99,13 @@ class RunDir:
                      "the learning rate never reaches train.lr")
         return line
 
-    def finish(self, weights: dict[str, torch.Tensor], final_eval: dict[int, dict], summary: dict[str, Any]) -> None:
+    def finish(self, weights: dict[str, torch.Tensor], final_eval: dict[int, dict], summary: dict[str, Any],
+               vocab_size: int, version: str) -> None:
         """final.pt (its presence marks the run finished), eval.json and summary.json; rank 0 only."""
         from psm_train.pretrained.model_files import save_checkpoint
 
-        save_checkpoint(self.path / "final.pt", weights, self.cfg, self.cfg.train.steps)
+        save_checkpoint(self.path / "final.pt", weights, self.cfg, self.cfg.train.steps, vocab_size=vocab_size,
+                        code_version=version)
         write_eval_json(self.path / "eval.json", final_eval)
         summary = {"name": self.cfg.name, "model": self.cfg.model.name, "steps": self.cfg.train.steps, **summary}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=1))
