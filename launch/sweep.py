@@ -2,7 +2,7 @@
 branches of warmup-stable-decay runs.
 
     name: families                 # default: the file's stem
-    config: ../quickstart.yaml     # the base config, relative to this file
+    config: ../mqar_tiny.yaml      # the base config, relative to this file
     out_dir: runs/sweeps/families  # default runs/sweeps/<name>; members go to <out_dir>/<member>
     set: {train.steps: 300}        # applied to every member
     grid: {train.lr: [1.0e-3, 3.0e-3]}       # cartesian product of the value lists

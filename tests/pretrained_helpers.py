@@ -19,15 +19,9 @@ from psm_train.cli import main
 from psm_train.config import config_from_dict
 from psm_train.models import build_model
 from psm_train.pretrained import save_checkpoint
+from tests.test_models import SMALL
 
-FAMILIES = {
-    "transformer": dict(d_model=32, n_layers=2, n_heads=2),
-    "transformer_psm": dict(d_model=32, n_heads=2, chunk_size=4, agg_layers=1, inf_layers=2),
-    "gla": dict(d_model=32, n_layers=2, n_heads=2, chunk_size=4),
-    "mamba2": dict(d_model=32, n_layers=2, chunk_size=4, head_dim=16, d_state=8),
-    "retnet": dict(d_model=32, n_layers=2, n_heads=2, chunk_size=4),
-    "linear_attention": dict(d_model=32, n_layers=2, n_heads=2, chunk_size=4),
-}
+FAMILIES = SMALL  # one tiny config per model family
 WORDS = "the cat sat on a mat and the dog ran to it while birds sang".split()
 
 

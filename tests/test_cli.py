@@ -30,7 +30,7 @@ def psm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "quick"
-    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY)
+    out = psm_train("train", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY)
     assert "step 12/12" in out.stdout
     return run_dir
 
@@ -49,7 +49,7 @@ def test_train_writes_run_directory(trained):
 
 
 def test_refuses_to_overwrite_a_finished_run(trained):
-    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(trained), *TINY, check=False)
+    out = psm_train("train", "configs/mqar_tiny.yaml", "--run-dir", str(trained), *TINY, check=False)
     assert out.returncode != 0 and "already holds a finished run" in out.stderr
 
 
@@ -57,7 +57,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     """`timeout` or `kill` sends SIGTERM: the run saves a checkpoint at the next logged step and exits
     143; the same command then resumes from it and finishes."""
     run_dir = tmp_path / "stopped"
-    args = ["train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY,
+    args = ["train", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY,
             "--set", "train.steps=4000", "--set", "train.eval_every=0", "--set", "checkpoint.every=0"]
     proc = subprocess.Popen([shutil.which("psm-train"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -112,9 +112,9 @@ def test_generate_prints_continuation_and_state(trained):
 
 def test_bad_override_stops_before_training(tmp_path):
     run_dir = tmp_path / "never"
-    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), "--set", "train.lr=-1", check=False)
+    out = psm_train("train", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), "--set", "train.lr=-1", check=False)
     assert out.returncode == 2
-    assert "configs/quickstart.yaml: train.lr: expected a positive number" in out.stderr
+    assert "configs/mqar_tiny.yaml: train.lr: expected a positive number" in out.stderr
     assert not run_dir.exists()
 
 
@@ -122,7 +122,7 @@ def test_wandb_offline_needs_no_login(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "wb"
-    psm_train("train", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY, "--set", "wandb.enabled=true")
+    psm_train("train", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY, "--set", "wandb.enabled=true")
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert any(offline_runs[0].glob("*.wandb"))
@@ -148,10 +148,10 @@ def test_version_and_a_help_that_does_not_import_torch():
 
 
 def test_unparsable_override_and_zero_ranks_are_refused_in_one_line(tmp_path):
-    out = psm_train("train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "x"), "--set", "train.lr=[1,2", check=False)
+    out = psm_train("train", "configs/mqar_tiny.yaml", "--run-dir", str(tmp_path / "x"), "--set", "train.lr=[1,2", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--set 'train.lr=[1,2': the value of train.lr is not valid YAML" in out.stderr
-    out = psm_train("train", "configs/quickstart.yaml", "--nproc", "0", check=False)
+    out = psm_train("train", "configs/mqar_tiny.yaml", "--nproc", "0", check=False)
     assert out.returncode == 2 and "--nproc: expected a positive integer, got 0" in out.stderr
     assert not (tmp_path / "x").exists()
 

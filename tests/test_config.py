@@ -58,8 +58,8 @@ def test_overrides_reach_nested_fields_and_switch_models(tmp_path):
 )
 def test_bad_values_name_the_file_and_field(override, message):
     with pytest.raises(ConfigError, match=message) as info:
-        load_config("configs/quickstart.yaml", [override])
-    assert "quickstart.yaml" in str(info.value)
+        load_config("configs/mqar_tiny.yaml", [override])
+    assert "mqar_tiny.yaml" in str(info.value)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -76,12 +76,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_unparsable_override_names_the_override():
-    with pytest.raises(ConfigError, match=r"quickstart.yaml: --set 'train.lr=\[1,2': the value of train.lr is not valid YAML"):
-        load_config(CONFIGS[0].parent / "quickstart.yaml", ["train.lr=[1,2"])
+    with pytest.raises(ConfigError, match=r"mqar_tiny.yaml: --set 'train.lr=\[1,2': the value of train.lr is not valid YAML"):
+        load_config(CONFIGS[0].parent / "mqar_tiny.yaml", ["train.lr=[1,2"])
 
 
 def test_resume_differences_split_model_from_the_rest():
-    path = CONFIGS[0].parent / "quickstart.yaml"
+    path = CONFIGS[0].parent / "mqar_tiny.yaml"
     saved = load_config(path).to_dict()
     now = load_config(path, ["model.d_model=32", "data.vocab_size=128", "model.chunk_size=16", "train.batch_size=8",
                              "data.num_kv_pairs=2", "run_dir=elsewhere"])

@@ -95,3 +95,22 @@ def test_group_accuracy_counts_the_right_sign():
         assert result["acc"] == acc and result["group_acc"] == group_acc
         assert result["group_acc_by_position"] == [group_acc] * 6
     assert "group_acc" not in evaluate(model, sets, torch.device("cpu"))[6]
+
+
+def test_long_batches_are_evaluated_a_few_rows_at_a_time(monkeypatch):
+    """A batch whose logits would exceed EVAL_LOGITS goes through the model in smaller groups of rows, with
+    the same results."""
+    from psm_train.train import evaluate as evaluation
+
+    torch.manual_seed(0)
+    model = build_model("transformer", MODELS["transformer"], VOCAB).double()
+    whole = evaluate(model, eval_sets(), torch.device("cpu"))
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(evaluation, "EVAL_LOGITS", 1)
+    grouped = evaluate(model, eval_sets(), torch.device("cpu"))
+    assert rows and max(rows) == 1
+    for seq_len, w in whole.items():
+        g = grouped[seq_len]
+        assert g["acc_by_position"] == w["acc_by_position"] and g["scored"] == w["scored"]
+        assert math.isclose(g["loss"], w["loss"], rel_tol=1e-12)

@@ -99,9 +99,9 @@ def test_config_file_and_override(name, tmp_path):
 
 
 def test_shipped_config_takes_the_override():
-    quickstart = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
-    assert load_config(quickstart).model.config.dropout == 0.0
-    assert load_config(quickstart, ["model.dropout=0.1"]).model.config.dropout == 0.1
+    config = Path(__file__).parent.parent / "configs" / "mqar_tiny.yaml"
+    assert load_config(config).model.config.dropout == 0.0
+    assert load_config(config, ["model.dropout=0.1"]).model.config.dropout == 0.1
 
 
 def _record_masks(rank: int, world: int, raw: dict, out: Path) -> None:

@@ -73,10 +73,10 @@ def wait_for(job_ids: list[str], timeout: float = 120) -> dict[str, str]:
 
 def test_submit_trains_and_jobs_lists_it(tmp_path):
     run_dir = tmp_path / "tiny"
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY, "--cpus-per-task", "1", "--time", "10")
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY, "--cpus-per-task", "1", "--time", "10")
     job_id = out.stdout.split("submitted job ")[1].split()[0]
     assert f"{run_dir}/logs/{job_id}_0_log.out" in out.stdout
-    again = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY, check=False)
+    again = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY, check=False)
     assert again.returncode == 1 and f"has job {job_id} queued or running" in again.stderr
     assert wait_for([job_id]) == {job_id: "COMPLETED"}
     assert (run_dir / "final.pt").is_file()
@@ -88,7 +88,7 @@ def test_submit_trains_and_jobs_lists_it(tmp_path):
 
 
 def test_unknown_partition_is_refused_verbatim(tmp_path):
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "r"), "--partition", "nope", check=False)
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(tmp_path / "r"), "--partition", "nope", check=False)
     assert out.returncode == 1
     assert out.stderr.count("sbatch: error: invalid partition specified: nope") == 1
     assert "Traceback" not in out.stderr and "hint: `sinfo -s` lists the partitions" in out.stderr
@@ -96,7 +96,7 @@ def test_unknown_partition_is_refused_verbatim(tmp_path):
 
 def test_failing_job_shows_the_rank_log_tail(tmp_path):
     run_dir = tmp_path / "bad"
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TINY, "--set", "train.device=cuda",
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *TINY, "--set", "train.device=cuda",
                     "--cpus-per-task", "1", "--time", "10")
     job_id = out.stdout.split("submitted job ")[1].split()[0]
     assert wait_for([job_id]) == {job_id: "FAILED"}
@@ -111,7 +111,7 @@ def test_sweep_is_one_job_array_and_resubmission_skips_finished_members(tmp_path
     sweep = tmp_path / "sweep.yaml"
     sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in TINY[1::2])}
     sweep.write_text(json.dumps({  # JSON is YAML
-        "name": "tiny", "config": str(REPO / "configs/quickstart.yaml"), "out_dir": str(tmp_path / "out"),
+        "name": "tiny", "config": str(REPO / "configs/mqar_tiny.yaml"), "out_dir": str(tmp_path / "out"),
         "set": sets, "grid": {"train.lr": [0.001, 0.002]},
         "slurm": {"cpus_per_task": 1, "time": "10", "array_parallelism": 2}}))
     out = psm_train("sweep", str(sweep))
@@ -144,7 +144,7 @@ def test_sweep_branches_wait_for_their_stable_run_then_resume_from_its_checkpoin
     sets.update({"train.schedule": "wsd", "train.warmup_steps": 2, "train.decay_steps": 2,
                  "checkpoint.every": 4, "checkpoint.keep_every": 4})
     sweep.write_text(json.dumps({
-        "name": "wsd", "config": str(REPO / "configs/quickstart.yaml"), "out_dir": str(tmp_path / "out"), "set": sets,
+        "name": "wsd", "config": str(REPO / "configs/mqar_tiny.yaml"), "out_dir": str(tmp_path / "out"), "set": sets,
         "branches": {"steps": [6, 10], "decay_steps": 2}, "slurm": {"cpus_per_task": 1, "time": "10"}}))
     first = psm_train("sweep", str(sweep)).stdout
     assert "base,branch=6: waiting -> skip" in first and "(1 members, " in first
@@ -289,7 +289,7 @@ def test_two_task_training_preempted_and_requeued_matches_uninterrupted_run(tmp_
     monkeypatch.setenv("WANDB_MODE", "offline")  # sbatch passes the environment on to the job
     monkeypatch.setenv("WANDB_SILENT", "true")
     steps = 400
-    args = ["configs/quickstart.yaml", *TINY, "--set", f"train.steps={steps}", "--set", "train.log_every=10",
+    args = ["configs/mqar_tiny.yaml", *TINY, "--set", f"train.steps={steps}", "--set", "train.log_every=10",
             "--set", "wandb.enabled=true", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
     ids = {}
     for name in ("straight", "preempted"):

@@ -58,7 +58,7 @@ def test_sweep_grid_times_list_and_member_names(tmp_path):
 def _write_sweep(tmp_path, body: str):
     path = tmp_path / "sweep.yaml"
     path.write_text(textwrap.dedent(f"""\
-        config: {REPO}/configs/quickstart.yaml
+        config: {REPO}/configs/mqar_tiny.yaml
         out_dir: {tmp_path}/out
         """) + textwrap.dedent(body))
     return path
@@ -130,7 +130,7 @@ def psm_train(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_prints_sbatch_parameters_and_submits_nothing(tmp_path):
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "r"), "--nodes", "2",
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(tmp_path / "r"), "--nodes", "2",
                     "--gpus-per-node", "4", "--partition", "gpu", "--time", "30", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert f"run dir: {tmp_path / 'r'}" in out.stdout and "tasks:   8 (2 node(s) x 4)" in out.stdout
@@ -139,9 +139,9 @@ def test_dry_run_prints_sbatch_parameters_and_submits_nothing(tmp_path):
 
 
 def test_config_error_stops_before_submission(tmp_path):
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "r"), "--set", "model.d_model=-4")
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(tmp_path / "r"), "--set", "model.d_model=-4")
     assert out.returncode == 2
-    assert "configs/quickstart.yaml: model.d_model" in out.stderr
+    assert "configs/mqar_tiny.yaml: model.d_model" in out.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -151,7 +151,7 @@ def test_local_executor_runs_the_job_here_and_waits(tmp_path):
             "--set", "train.log_every=4", "--set", "train.eval_batches=1", "--set", "train.eval_batch_size=8",
             "--set", "model.d_model=32", "--set", "model.inf_layers=1", "--set", "data.seq_len=32",
             "--set", "data.eval_seq_lens=[32]"]
-    out = psm_train("submit", "configs/quickstart.yaml", "--run-dir", str(run_dir), *tiny, "--executor", "local")
+    out = psm_train("submit", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir), *tiny, "--executor", "local")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(local, 1 task(s))" in out.stdout and out.stdout.rstrip().endswith("finished")
     assert (run_dir / "final.pt").is_file()

@@ -130,3 +130,21 @@ def test_bad_shapes():
         linear_cross_entropy(hidden, weight, targets[:-1])
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(hidden, weight, targets.int())
+
+
+def test_chunk_math_traces_whole_for_the_gpu_compiler():
+    """On CUDA the chunk's loss and gradient run through torch.compile: the function traces as one graph and
+    computes what it computes eagerly (padded columns and ignored rows included)."""
+    from psm_train.kernels.linear_cross_entropy.fused import chunk_loss_and_grad
+
+    torch.manual_seed(0)
+    logits = torch.randn(9, 16, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 11, 2, 0, 5, 7, 1, 0])
+    valid = torch.tensor([True, True, True, False, True, True, True, True, False])
+    compiled = torch.compile(chunk_loss_and_grad, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(logits, targets, valid, 12, torch.float64),
+                         chunk_loss_and_grad(logits, targets, valid, 12, torch.float64)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    loss, grad = chunk_loss_and_grad(logits, targets, valid, 12, torch.float64)
+    assert grad[:, 12:].abs().max() == 0 and grad[~valid].abs().max() == 0
+    assert torch.allclose(grad[valid].sum(-1), torch.zeros(int(valid.sum()), dtype=torch.float64), atol=1e-12)

@@ -26,7 +26,7 @@ TINY = {"train.batch_size": 8, "train.warmup_steps": 2, "train.eval_every": 0, "
 def _sweep(tmp_path: Path, body: str, **extra_set) -> Path:
     path = tmp_path / "sweep.yaml"
     common = {**TINY, **extra_set}
-    path.write_text(f"config: {REPO}/configs/quickstart.yaml\nout_dir: {tmp_path}/out\n"
+    path.write_text(f"config: {REPO}/configs/mqar_tiny.yaml\nout_dir: {tmp_path}/out\n"
                     f"set: {json.dumps(common)}\n" + textwrap.dedent(body))
     return path
 

@@ -43,7 +43,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_sigkilled_launcher_takes_its_ranks_along_and_a_restart_runs(tmp_path):
     run_dir = tmp_path / "run"
-    args = [shutil.which("psm-train"), "train", "configs/quickstart.yaml", "--nproc", "2", "--run-dir", str(run_dir),
+    args = [shutil.which("psm-train"), "train", "configs/mqar_tiny.yaml", "--nproc", "2", "--run-dir", str(run_dir),
             "--set", "train.steps=100000", "--set", "train.device=cpu", "--set", "train.threads=1",
             "--set", "train.log_every=1", "--set", "checkpoint.every=5"]
     log = tmp_path / "launcher.log"
@@ -108,7 +108,7 @@ def test_truncate_metrics_drops_a_partial_last_line_and_names_damage_elsewhere(t
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MB tmpfs: room for one quickstart checkpoint (about 1.9 MB), not two; skipped where mount is refused."""
+    """A 3 MB tmpfs: room for one mqar_tiny checkpoint (about 1.9 MB), not two; skipped where mount is refused."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
@@ -119,7 +119,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_stops_the_run_naming_step_and_path_then_resume_works(small_disk):
     run_dir = small_disk / "run"
-    args = [shutil.which("psm-train"), "train", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+    args = [shutil.which("psm-train"), "train", "configs/mqar_tiny.yaml", "--run-dir", str(run_dir),
             "--set", "train.steps=40", "--set", "checkpoint.every=5", "--set", "train.log_every=5",
             "--set", "train.eval_every=0", "--set", "train.device=cpu", "--set", "train.threads=1"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -61,7 +61,7 @@ def test_frontier_is_the_minimum_at_fixed_compute():
 def _sweep(tmp_path):
     path = tmp_path / "scaling.yaml"
     path.write_text(textwrap.dedent(f"""\
-        config: {REPO}/configs/quickstart.yaml
+        config: {REPO}/configs/mqar_tiny.yaml
         out_dir: {tmp_path}/out
         list:
           - {{model: {{name: transformer, n_layers: 1}}}}

@@ -6,7 +6,7 @@
 #   bash tools/slurm_local.sh stop     # stop the daemons this script started (by pid file, never by name)
 #   bash tools/slurm_local.sh status
 #
-# Env: SLURM_CPUS (default nproc), SLURM_MEM_MB (default 90% of MemTotal),
+# Env: SLURM_CPUS (default nproc --all: plain nproc honours OMP_NUM_THREADS), SLURM_MEM_MB (default 90% of MemTotal),
 #      SLURM_WITH_DBD=1 (default) also runs MariaDB + slurmdbd so that sacct (job states) works.
 # Adapted from ../shared/slurm-local.sh (see ../shared/PLATFORM.md for why each setting is there).
 set -euo pipefail
@@ -71,7 +71,7 @@ CONF
 
 write_conf() {
   local host="$1" acct="$2"
-  local cpus="${SLURM_CPUS:-$(nproc)}"
+  local cpus="${SLURM_CPUS:-$(nproc --all)}"
   local mem="${SLURM_MEM_MB:-$(awk '/MemTotal/{printf "%d", $2/1024*0.9}' /proc/meminfo)}"
   cat > "$CONF" <<CONF
 ClusterName=psm

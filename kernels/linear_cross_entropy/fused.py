@@ -18,34 +18,54 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int,
+                        acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss (``acc``) and d loss / d logits (softmax - onehot, logits' dtype) from its
+    logits [n, V_pad]: 0 on padded columns and on rows not ``valid``; ``targets`` must be 0 where not valid.
+
+    Written as whole-tensor expressions so that on GPU torch.compile fuses it into a reduction (the
+    log-sum-exp) and one pointwise pass: the float32 logits are never stored.
+    """
+    x = logits.to(acc)
+    cols = torch.arange(x.shape[1], device=x.device)
+    x = torch.where(cols < vocab_size, x, float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(1, targets[:, None])[:, 0]
+    loss = torch.where(valid, lse - target_logit, 0.0).sum()
+    grad = torch.exp(x - lse[:, None]) - (cols[None, :] == targets[:, None]).to(acc)
+    return loss, torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
+
+
+_compiled = None
+
+
+def loss_and_grad_for(device: torch.device):
+    """`chunk_loss_and_grad`, compiled on CUDA (compiled once per process, on first use)."""
+    global _compiled
+    if device.type != "cuda":
+        return chunk_loss_and_grad
+    if _compiled is None:
+        _compiled = torch.compile(chunk_loss_and_grad, dynamic=False)
+    return _compiled
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, chunk_rows, compute_dtype, grad_hidden_needed, grad_weight_needed):
         acc = torch.promote_types(compute_dtype, torch.float32)
-        n_rows, v_pad = hidden.shape[0], weight.shape[0]
+        n_rows = hidden.shape[0]
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight_needed else None
+        loss_and_grad = loss_and_grad_for(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n_rows, chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)
                 t = targets[start : start + chunk_rows]
-                logits = (h @ w.t()).to(acc)  # [n, V_pad]
-                if vocab_size < v_pad:
-                    logits[:, vocab_size:] = float("-inf")
                 valid = t != ignore_index
-                safe = torch.where(valid, t, 0)
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, safe[:, None])[:, 0]
-                loss = loss + torch.where(valid, lse - target_logit, 0.0).sum()
-                if grad_hidden is None and grad_weight is None:
-                    continue
-                # d loss / d logits = softmax - onehot on rows not ignored; 0 on padded columns.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-                grad_logits.mul_(valid[:, None])
-                grad_logits = grad_logits.to(compute_dtype)
+                chunk_loss, grad_logits = loss_and_grad(h @ w.t(), torch.where(valid, t, 0), valid, vocab_size, acc)
+                loss = loss + chunk_loss
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_rows] = grad_logits @ w
                 if grad_weight is not None:

@@ -24,6 +24,9 @@ from psm_train.labels import IGNORE_INDEX
 from psm_train.parallelize import SequenceSharding
 
 
+EVAL_LOGITS = 2**30  # logits of one forward; a batch of more rows is evaluated a few rows at a time
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -55,7 +58,11 @@ def evaluate(
     results = {}
     sharding = sharding or SequenceSharding(None)
     sp = sharding.sp
+    vocab = getattr(model, "vocab_size", None)
     for seq_len, batches in eval_sets.items():
+        if vocab:  # at most about EVAL_LOGITS logits at once: a batch of long sequences would not fit
+            rows = max(1, EVAL_LOGITS // (seq_len * vocab))
+            batches = [(x[i : i + rows], y[i : i + rows]) for x, y in batches for i in range(0, len(x), rows)]
         split = sharding.splits(seq_len)
         positions = sharding.positions(seq_len) if split else torch.arange(seq_len)
         # summed on the device and copied once per length (the labels' boolean index syncs anyway)
