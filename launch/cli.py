@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import time
 from pathlib import Path
 
 from psm_train.launch.submit import EXECUTORS, Resources, SubmissionError
@@ -46,12 +48,35 @@ def _print_logs(job, tasks: int) -> None:
     print(f"logs:    {out}\n         {err}" + (f"\n         (tasks 1..{tasks - 1}: same names with _<task>_)" if tasks > 1 else ""))
 
 
+def _last_logged(run_dir: Path) -> str | None:
+    """'step N loss L' of the newest complete record with a loss in run_dir/metrics.jsonl, if any."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line being written
+            continue
+        if "loss" in record:
+            return f"step {record['step']} loss {record['loss']:.4f}"
+    return None
+
+
 def _wait_local(jobs_by_dir: dict[Path, object]) -> None:
     """Wait for local jobs; fail with the log tails of those that failed."""
     from submitit.core.utils import UncompletedJobError
 
     from psm_train.launch.jobs import report
 
+    shown: dict[Path, str] = {}
+    while not all(job.done() for job in jobs_by_dir.values()):  # a line whenever a run logs a new step
+        for run_dir in jobs_by_dir:
+            line = _last_logged(run_dir)
+            if line and line != shown.get(run_dir):
+                print(f"{run_dir.name}: {line}", flush=True)
+                shown[run_dir] = line
+        time.sleep(2)
     failed = []
     for run_dir, job in jobs_by_dir.items():
         try:

@@ -157,3 +157,12 @@ def test_local_executor_runs_the_job_here_and_waits(tmp_path):
     assert (run_dir / "final.pt").is_file()
     row = psm_train("jobs", str(run_dir)).stdout.splitlines()[1].split()
     assert row[2:5] == ["local", "COMPLETED", "8/8"]
+
+
+def test_local_wait_shows_the_newest_logged_step(tmp_path):
+    """`submit --executor local` prints each new logged step while it waits; a line being written is skipped."""
+    from psm_train.launch.cli import _last_logged
+
+    assert _last_logged(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 4, "loss": 2.5}\n{"step": 5, "checkpoint/blocked_s": 0.1}\n{"step": 8, "lo')
+    assert _last_logged(tmp_path) == "step 4 loss 2.5000"

@@ -181,11 +181,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 sharding.check(seq_len)  # raises, saying what to change
             positions = sharding.positions(seq_len).to(device) if split else None
             lr = lr_at(step, t)
-            step_loss = forward_backward(engine, sharding.shard(inputs), sharding.shard(targets), grad_accum=par.grad_accum,
+            local_inputs = sharding.shard(inputs)
+            step_loss = forward_backward(engine, local_inputs, sharding.shard(targets), grad_accum=par.grad_accum,
                                          autocast=autocast, sparse_targets=source.sparse_targets, positions=positions)
             grad_norm = engine.step(lr)
             watch.update(step + 1, step_loss, grad_norm)
-            throughput.add(sharding.shard(inputs).numel())
+            throughput.add(local_inputs.numel())
             tokens += t.batch_size * seq_len
             run.store.check()
 
@@ -194,9 +195,9 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             if done % t.log_every == 0 or done == t.steps or done == start + 1:
                 watch.check()
                 last_loss = all_sum(step_loss.clone()).item()
-                rate = throughput.rate() * layout.world_size / layout.sp
+                rate = throughput.rate() * layout.world_size  # every rank holds its share of the global batch
                 record = {"step": done, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                          "tokens_per_s": rate, "elapsed_s": progress.elapsed(), **progress.measures(rate / layout.world_size * layout.sp)}
+                          "tokens_per_s": rate, "elapsed_s": progress.elapsed(), **progress.measures(rate / layout.world_size)}
                 if hasattr(source, "metrics"):
                     record.update(source.metrics())
             evaluated = (t.eval_every and done % t.eval_every == 0) or done == t.steps
