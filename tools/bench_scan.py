@@ -11,9 +11,9 @@ chunk_simple_gla does on Hopper with Triton < 3.7.1) gets its forward timed alon
 TFLOP/s counts the chunkwise algorithm's matmuls at chunk C = 64 (per token and head: the
 [C, C] score matrix, its product with V, the inter-chunk q·S and the state update, 2·(C·K + C·V
 + 2·K·V) FLOP forward; backward counted as twice that). Roofline bound: the larger of those FLOP
-at the measured bf16 matmul rate (790 TFLOP/s) and the minimal HBM traffic (q, k, v, g read and o
+at the card's measured bf16 matmul rate (PEAK_FLOPS) and the minimal HBM traffic (q, k, v, g read and o
 written forward; q, k, v, g, dO read and dq, dk, dv, dg written backward; per-chunk states not
-counted) at the measured copy bandwidth (4.3 TB/s).
+counted) at its measured copy bandwidth (PEAK_BW).
 
 Each shape (decay, D, T) runs in a process of its own (tools/isolated_run.py), limited to
 --shape-timeout seconds including compilation and autotuning: an out-of-memory error or the limit
@@ -38,7 +38,7 @@ from isolated_run import OOM, run_isolated, write_result  # tools/ is on the pat
 from psm_train.kernels.chunk_affine.reference import chunk_affine_ref
 from psm_train.kernels.chunk_affine.triton_op import chunk_affine_triton
 
-PEAK_FLOPS, PEAK_BW = 790e12, 4.3e12
+PEAK_FLOPS, PEAK_BW = 790e12, 4.3e12  # H200: 8192^3 bf16 matmul; device-to-device copy, read + write
 
 
 def fla_impl(decay: str):

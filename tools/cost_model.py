@@ -27,7 +27,7 @@ Communication, per step and rank, from message sizes (S = the collective's whole
       S = sp x 2 x 2 B T d
 Time of a collective: S x (2 (n-1)/n for all-reduce, (n-1)/n otherwise) / bus bandwidth, plus a
 latency of --latency-us x ceil(log2 n). Bus bandwidths inside a node: NCCL all-reduce of 1 GiB
-through PyTorch on NVLink H100 hosts (measured: 329, 355, 361 GB/s on 2, 4, 8 GPUs); a group
+through PyTorch on NVLink H100 hosts (INTRA_NODE_BUSBW, measured by an all-reduce of 1 GiB); a group
 spanning nodes gets --inter-node-gbs (an ASSUMPTION, default 200 GB/s: 4 x 400 Gb/s InfiniBand a
 node), the same figure for every collective kind. sp groups are placed inside a node when they fit.
 The gradient and ZeRO traffic overlaps the compute up to --overlap of itself; the sequence-parallel
@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-INTRA_NODE_BUSBW = {1: math.inf, 2: 329e9, 4: 355e9, 8: 361e9}  # bytes/s, measured (issue 21)
+INTRA_NODE_BUSBW = {1: math.inf, 2: 329e9, 4: 355e9, 8: 361e9}  # bytes/s: all-reduce of 1 GiB through PyTorch, H100 NVLink
 GIB = 2**30
 
 

@@ -14,6 +14,8 @@ inputs); d weight is accumulated over chunks in that accumulation dtype.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -40,12 +42,25 @@ _compiled = None
 
 
 def loss_and_grad_for(device: torch.device):
-    """`chunk_loss_and_grad`, compiled on CUDA (compiled once per process, on first use)."""
+    """`chunk_loss_and_grad`, compiled on CUDA (once per process, on first use). Should compilation fail,
+    the eager function takes over with a warning: slower, the same numbers."""
     global _compiled
     if device.type != "cuda":
         return chunk_loss_and_grad
     if _compiled is None:
-        _compiled = torch.compile(chunk_loss_and_grad, dynamic=False)
+        compiled = torch.compile(chunk_loss_and_grad, dynamic=False)
+
+        def guarded(*args):
+            global _compiled
+            try:
+                return compiled(*args)
+            except Exception as e:  # a compiler failure: keep training on the eager function
+                warnings.warn(f"linear_cross_entropy: torch.compile of the chunk math failed ({type(e).__name__}: {e}); "
+                              "using the eager function", stacklevel=2)
+                _compiled = chunk_loss_and_grad
+                return chunk_loss_and_grad(*args)
+
+        _compiled = guarded
     return _compiled
 
 
