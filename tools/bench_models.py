@@ -33,7 +33,7 @@ from isolated_run import OOM, run_isolated, write_result
 
 from psm_train.kernels.attention import attention_backend
 from psm_train.models import MODELS, build_model
-from psm_train.parallelize import apply_compile as compile_blocks
+from psm_train.parallelize import apply_compile
 
 VOCAB = 32768
 SPECS = {
@@ -53,7 +53,7 @@ def measure(
     params = sum(p.numel() for p in model.parameters())
     if compiled:
         torch._dynamo.reset()  # each run's graphs count against dynamo's recompile limit from zero
-        compile_blocks(model)
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, tokens // T)
     data = torch.randint(0, VOCAB, (B, T + 1), device="cuda")
