@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psm_train.graph_anchor import graph_anchor
 from psm_train.models.base import CausalLM, check_fresh, require_dropout, tensor_nbytes
 from psm_train.models.layers import Block, KVCache, RMSNorm, Rope, init_weights, rotary
 from psm_train.scan import OnlineScan, prefix_scan
@@ -113,11 +114,13 @@ class TransformerPSM(CausalLM):
         # The first chunk of a sequence has no prefix (P_0, the identity): Inf sees it alone. It is
         # always a call of its own, so that a later slice of a split sequence (whose first chunk has a
         # prefix) calls the Inf blocks exactly as often as the first slice.
-        first = self.infer(prefixes[:, 0] if first_has_prefix else None, x[:, 0])
-        if n == 1:
-            return first[:, :t]
-        rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
-        return torch.cat((first, rest.reshape(b, (n - 1) * c, d)), dim=1)[:, :t]
+        h = self.infer(prefixes[:, 0] if first_has_prefix else None, x[:, 0])
+        if n > 1:
+            rest = self.infer(prefixes[:, 1:].reshape(b * (n - 1), c, d), x[:, 1:].reshape(b * (n - 1), c, d))
+            h = torch.cat((h, rest.reshape(b, (n - 1) * c, d)), dim=1)
+        # The scan stays in the graph even where no prefix is used (one chunk without a prefix): a scan
+        # that exchanges across ranks must run its backward on every rank. An exact zero.
+        return (h + graph_anchor(prefixes))[:, :t]
 
     def init_generation(self, batch_size: int) -> TransformerPSMGenerationState:
         return TransformerPSMGenerationState(self)

@@ -83,10 +83,15 @@ class GradientBuckets:
     parameter this rank did not use keeps its zero gradient) are launched too.
 
     ``overlap=False`` launches every bucket only after the backward (one bucket: one all-reduce).
+
+    The buckets travel on a process group of their own: the backward of a sequence-parallel model
+    runs collectives too (the exchanges' backward), and the ranks may reach those before or after a
+    bucket is ready; on one group the two orders would deadlock. Collective: every rank constructs it.
     """
 
     def __init__(self, params: list[nn.Parameter], bucket_bytes: float, overlap: bool):
         self.overlap = overlap
+        self.group = dist.new_group()
         self.buckets: list[list[nn.Parameter]] = []
         by_dtype: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in reversed(params):
@@ -130,7 +135,7 @@ class GradientBuckets:
             i = len(self.handles)
             if ready_only and self.ready[i] < len(self.buckets[i]):
                 return
-            self.handles.append(dist.all_reduce(self.buffers[i], async_op=True))
+            self.handles.append(dist.all_reduce(self.buffers[i], group=self.group, async_op=True))
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         if self.handles:

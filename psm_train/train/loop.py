@@ -178,7 +178,10 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 progress = Progress(start, t.steps, device, flops, peak)
             split = sharding.splits(seq_len)
             if sharding.sp is not None and not split:
-                sharding.check(seq_len)  # raises, saying what to change
+                try:
+                    sharding.check(seq_len)
+                except ValueError as e:
+                    raise SystemExit(f"parallel.sp = {par.sp}: {e}") from None
             positions = sharding.positions(seq_len).to(device) if split else None
             lr = lr_at(step, t)
             local_inputs = sharding.shard(inputs)
