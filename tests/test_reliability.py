@@ -34,10 +34,19 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Any thread of ``pid`` not yet a zombie: a killed leader shows Z while its other threads still exit,
+    holding the file table (and the run directory's flock) until the last one is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for tid in tasks:
+        try:
+            if Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
