@@ -9,7 +9,8 @@ branches of warmup-stable-decay runs.
     list:                                     # members given one by one (a whole section may be replaced)
       - {model: {name: transformer, d_model: 32, n_layers: 2}}
       - {model.name: transformer_psm, model.d_model: 32}
-      - {name: gla_small, config: ../gla.yaml}   # name: the member's run directory; config: its own base
+      - {name: gla_small, config: ../gla.yaml}   # name: the member's run directory (with a grid:
+                                                 # gla_small,<grid values>); config: its own base
     branches:                      # decay branches (see below); needs train.schedule: wsd
       steps: [400, 800]            # one branch per member and value: the branch's train.steps
       decay_fraction: 0.2          # its decay takes the last 20% of its steps (or decay_steps: N)
@@ -266,10 +267,12 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: {e}") from None
     out_dir = Path(raw.get("out_dir", Path("runs") / "sweeps" / name)).absolute()
     members = []
-    for values in member_values(_mapping(raw.get("grid", {}), f"{path}: grid"), entries):
+    grid = _mapping(raw.get("grid", {}), f"{path}: grid")
+    for values in member_values(grid, entries):
         if values.get("config") == raw["config"]:
             del values["config"]  # the base config: not a swept value
-        s, cfg = _member(path, name, out_dir, common, values, raw["config"])
+        named = f"{values['name']},{slug({k: values[k] for k in grid})}" if "name" in values and grid else None
+        s, cfg = _member(path, name, out_dir, common, values, raw["config"], member_slug=named)
         members.append(Member(s, values, cfg))
     if branch_spec is not None:
         try:

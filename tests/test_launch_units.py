@@ -55,6 +55,18 @@ def test_sweep_grid_times_list_and_member_names(tmp_path):
     assert len(slug({f"k{i}": "v" * 20 for i in range(8)})) == 80
 
 
+def test_a_named_entry_with_a_grid_names_each_point(tmp_path):
+    sweep = load_sweep(_write_sweep(tmp_path, """\
+        set: {train.steps: 5}
+        grid: {model.d_model: [32, 48]}
+        list:
+          - {name: tf, model: {name: transformer, n_layers: 1}}
+        """))
+    assert [m.slug for m in sweep.members] == ["tf,d_model=32", "tf,d_model=48"]
+    assert sweep.members[1].cfg.name == "tf,d_model=48" and sweep.members[1].cfg.model.config.d_model == 48
+    assert sweep.members[1].cfg.run_dir == str(tmp_path / "out" / "tf,d_model=48")
+
+
 def _write_sweep(tmp_path, body: str):
     path = tmp_path / "sweep.yaml"
     path.write_text(textwrap.dedent(f"""\
