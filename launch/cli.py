@@ -163,7 +163,7 @@ def cmd_sweep_fit(args: argparse.Namespace) -> None:
 
     try:
         fit_csv(args.path, args.out_dir or Path(args.path).parent,
-                200 if args.bootstrap is None else args.bootstrap, args.seed or 0, args.n_column)
+                200 if args.bootstrap is None else args.bootstrap, args.seed or 0, args.n_column, args.reference)
     except ScalingError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -292,4 +292,6 @@ def add_commands(sub: argparse._SubParsersAction, add_overrides) -> None:
     p.add_argument("--seed", type=int, help="the bootstrap's seed (default 0)")
     p.add_argument("--n-column", choices=("N", "N_non_embedding"), default="N",
                    help="the CSV column fitted as N: all parameters (default) or those outside the embeddings")
+    p.add_argument("--reference", default="transformer",
+                   help="the family the others' compute-optimal loss is divided by (default transformer)")
     p.set_defaults(func=cmd_sweep_fit)

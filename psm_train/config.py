@@ -77,6 +77,10 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine: deepspeed)
     grad_accum: int = 1  # micro-batches per optimizer step; train.batch_size is the whole step's
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    # with activation_checkpointing: only every k-th block (in module order, the first included) is recomputed;
+    # 1: all. Transformer-PSM's Inf runs each block over twice the tokens: k = 2 brings its saved activations
+    # to the transformer's (tools/activation_memory.py).
+    checkpoint_every: int = 1
     # torch.compile each transformer block (Block); affine blocks stay eager. auto: on GPU, except under ZeRO-3.
     compile_blocks: bool | str = "auto"
     # ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them at
@@ -93,6 +97,10 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.sp <= 0 or self.grad_accum <= 0:
             raise ValueError("sp and grad_accum: expected positive integers")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: expected a positive integer, got {self.checkpoint_every}")
+        if self.checkpoint_every != 1 and not self.activation_checkpointing:
+            raise ValueError(f"checkpoint_every: {self.checkpoint_every} needs activation_checkpointing: true")
         if self.grad_reduce not in ("overlapped", "after_backward"):
             raise ValueError(f"grad_reduce: expected overlapped or after_backward, got {self.grad_reduce!r}")
         if not self.bucket_mb > 0:

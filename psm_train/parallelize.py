@@ -105,10 +105,13 @@ def apply_sequence_parallel(model: nn.Module, sp: SequenceParallel | None) -> Se
     raise ValueError(f"{type(model).__name__}: no sequence parallelism for this model family")
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Recompute the activations of every ``every``-th block (module order, the first included) in the backward."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing as wrap
 
-    wrap(model, check_fn=lambda m: isinstance(m, (Block, AffineBlock)))
+    blocks = [m for m in model.modules() if isinstance(m, (Block, AffineBlock))]
+    chosen = {id(m) for m in blocks[::every]}
+    wrap(model, check_fn=lambda m: id(m) in chosen)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -136,7 +139,7 @@ def parallelize(model: nn.Module, train: TrainConfig, par: ParallelConfig, sp: S
     (on ``device``). Returns (engine, sharding)."""
     sharding = apply_sequence_parallel(model, sp)
     if par.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, par.checkpoint_every)
     if compiles_blocks(par, device):
         apply_compile(model)
     engine = build_engine(model, train, par, micro_batch, bf16=bf16_engine)

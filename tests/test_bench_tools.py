@@ -261,3 +261,15 @@ def test_bench_generation_times_the_full_carry(tmp_path):
     assert rows["transformer", 28]["state_bytes"] > rows["transformer", 4]["state_bytes"]
     assert rows["gla", 28]["state_bytes"] == rows["gla", 4]["state_bytes"]
     assert "| transformer_psm c4 | 28 | 7 | 3 |" in done.stdout
+
+
+def test_activation_memory_counts_what_checkpointing_keeps():
+    sys.path.insert(0, str(TOOLS))
+    from activation_memory import measure
+
+    ac = ["parallel.activation_checkpointing=true"]
+    rows = [measure("configs/mqar_tiny.yaml", o, seq_len=32, batches=(1, 3))
+            for o in ([], [*ac, "parallel.checkpoint_every=2"], ac)]
+    per_token = [r["saved_kib_per_token"] for r in rows]
+    assert per_token[0] > per_token[1] > per_token[2] > 0  # all blocks, every other one recomputed, all recomputed
+    assert all(r["parameters"] == rows[0]["parameters"] for r in rows)

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from psm_train.config import ConfigError, load_config
 from psm_train.models import MODELS
 from psm_train.models.affine_lm import AffineBlock
 from psm_train.models.layers import Block
+from psm_train.parallelize import apply_activation_checkpointing
 from tests.test_models import SMALL, VOCAB, small_model
 
 T = 23
@@ -67,10 +67,14 @@ def test_dropout_acts_in_training_only(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_activation_checkpointing_redraws_the_same_masks(name):
-    """The trainer recomputes each block in the backward: it must drop the same units again."""
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_redraws_the_same_masks(name, every):
+    """The trainer recomputes each (or every other) block in the backward: it must drop the same units again."""
     plain, wrapped = small_model(name, dropout=0.3).train(), small_model(name, dropout=0.3).train()
-    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, (Block, AffineBlock)))
+    apply_activation_checkpointing(wrapped, every)
+    blocks = [m for m in plain.modules() if isinstance(m, (Block, AffineBlock))]
+    wrappers = [m for m in wrapped.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(blocks) > 1 and len(wrappers) == len(blocks[::every])
     losses = [forward(m, 1).square().mean() for m in (plain, wrapped)]
     assert torch.equal(*losses)
     for loss in losses:

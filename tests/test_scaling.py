@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from psm_train.cli import main
-from psm_train.analysis.scaling import ScalingError, fit_family, frontier, predict, write_csv
+from psm_train.analysis.scaling import (FamilyFit, ScalingError, fit_family, frontier, frontier_ratios, predict,
+                                        write_csv)
 from psm_train.launch.collect import collect, default_metric
 from psm_train.launch.sweep import load_sweep
 
@@ -39,6 +40,20 @@ def test_fit_recovers_known_parameters_and_ignores_an_outlier():
     assert fit.boots == 30 and 0 < fit.std["alpha"] < 0.05 and not fit.at_bounds
     loss[3] *= 1.5  # one diverged member
     _close(fit_family("f", n, d, loss, boots=0))
+
+
+def test_fit_quality_and_frontier_ratio_to_a_reference():
+    n, d, loss = _grid(noise=0.0)
+    assert fit_family("f", n, d, loss, boots=0).rms_log_residual < 1e-3  # exact data: the fit passes through it
+    assert fit_family("f", n, d, loss * np.exp(np.random.default_rng(0).normal(0, 0.02, n.size)),
+                      boots=0).rms_log_residual > 0.01
+    worse = {**TRUE, "E": TRUE["E"] * 1.1}
+    fits = [FamilyFit("transformer", 20, params=TRUE), FamilyFit("psm", 20, params=worse), FamilyFit("gla", 3, skipped="few")]
+    c = np.array([1e20, 1e22])
+    ratios = frontier_ratios(fits, c, "transformer")
+    assert list(ratios) == ["psm"]  # the reference and unfitted families have none
+    assert np.allclose(ratios["psm"], frontier(worse, c)[2] / frontier(TRUE, c)[2]) and (ratios["psm"] > 1).all()
+    assert frontier_ratios(fits, c, "mamba2") == {}
 
 
 def test_too_few_points_say_what_is_missing():

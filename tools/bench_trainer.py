@@ -56,6 +56,8 @@ def default170m() -> list[Bench]:
         Bench("transformer", TRANSFORMER, 512, batch),
         Bench("transformer_eager", TRANSFORMER, 512, [*batch, "parallel.compile_blocks=false"]),
         Bench("psm_c64", PSM, 512, batch),
+        Bench("psm_c64_ac_every2", PSM, 512,  # its saved activations at the transformer's (tools/activation_memory.py)
+              [*batch, "parallel.activation_checkpointing=true", "parallel.checkpoint_every=2"]),
         Bench("gla", TRANSFORMER, 512, [*batch, *GLA]),
         Bench("mamba2", TRANSFORMER, 512, [*batch, *MAMBA2]),
     ]

@@ -86,6 +86,7 @@ class FamilyFit:
     boots: int = 0  # bootstrap resamples that could be fitted
     at_bounds: list[str] = field(default_factory=list)  # E also when below 0.1% of the lowest loss
     skipped: str = ""  # why there is no fit
+    rms_log_residual: float = 0.0  # of the fit on all points: how well five parameters describe them
 
     @property
     def a(self) -> float:
@@ -163,7 +164,8 @@ def fit_family(family: str, n: np.ndarray, d: np.ndarray, loss: np.ndarray, boot
         idx = rng.integers(0, len(n), len(n))
         if len(set(idx)) >= MIN_POINTS and not shortfall(n[idx], d[idx]):
             samples.append(_solve(log_n[idx], log_d[idx], log_l[idx], [theta]))
-    out = FamilyFit(family, len(n), params=_natural(theta), boots=len(samples))
+    rms = float(np.sqrt(np.mean((log_predict(theta, log_n, log_d) - log_l) ** 2)))
+    out = FamilyFit(family, len(n), params=_natural(theta), boots=len(samples), rms_log_residual=rms)
     # E's bound is far below any loss, and a fit that resolves no floor drifts towards it slowly
     out.at_bounds = [name for name, v, lo, hi in zip(PARAMS, theta, LOWER, UPPER)
                      if np.isclose(v, lo, atol=1e-3) or np.isclose(v, hi, atol=1e-3)
@@ -243,12 +245,13 @@ def _pm(value: float, std: float | None, fmt: str = ".3f") -> str:
     return f"{value:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
 
 
-def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]]) -> str:
+def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]], reference: str = "transformer") -> str:
     """The parameter table across families, then each fitted family's compute-optimal frontier."""
     width = max(len("family"), *(len(f.family) for f in fits))
-    lines = ["L(N, D) = E + A/N^alpha + B/D^beta; ± is the bootstrap std (robust); N_opt ∝ C^a",
+    lines = ["L(N, D) = E + A/N^alpha + B/D^beta; ± is the bootstrap std (robust); N_opt ∝ C^a; "
+             "rms: root-mean-square log residual of the fit",
              f"{'family':<{width}} {'pts':>4} {'E':>15} {'alpha':>15} {'beta':>15} {'log A':>15} "
-             f"{'log B':>15} {'a':>15}"]
+             f"{'log B':>15} {'a':>15} {'rms':>7}"]
     for f in fits:
         if f.skipped:
             lines.append(f"{f.family:<{width}} {f.points:>4}  not fitted: {f.skipped}")
@@ -258,7 +261,7 @@ def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]]) -> str:
                  _pm(math.log(p["A"]), s.get("log_A"), ".2f"), _pm(math.log(p["B"]), s.get("log_B"), ".2f"),
                  _pm(f.a, s.get("a"))]
         lines.append(f"{f.family:<{width}} {f.points:>4} " + " ".join(f"{c:>15}" for c in cells)
-                     + (f"  (at bound: {', '.join(f.at_bounds)})" if f.at_bounds else ""))
+                     + f" {f.rms_log_residual:>7.4f}" + (f"  (at bound: {', '.join(f.at_bounds)})" if f.at_bounds else ""))
     grid = compute_grid(np.array([r["N"] * r["D"] * 6 for r in rows]))
     for f in fits:
         if f.skipped:
@@ -268,7 +271,21 @@ def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]]) -> str:
                   f"{'C':>10} {'N_opt':>10} {'D_opt':>10} {'D/N':>8} {'loss':>8}"]
         lines += [f"{c:>10.2e} {nn:>10.3g} {dd:>10.3g} {dd / nn:>8.3g} {ll:>8.4f}"
                   for c, nn, dd, ll in zip(grid, n, d, loss)]
+    ratios = frontier_ratios(fits, grid, reference)
+    if ratios:
+        lines += ["", f"frontier loss over {reference}'s at equal compute:",
+                  f"{'C':>10} " + " ".join(f"{fam:>16}" for fam in ratios)]
+        lines += [f"{c:>10.2e} " + " ".join(f"{ratios[fam][i]:>16.4f}" for fam in ratios) for i, c in enumerate(grid)]
     return "\n".join(lines)
+
+
+def frontier_ratios(fits: list[FamilyFit], c: np.ndarray, reference: str) -> dict[str, np.ndarray]:
+    """family -> its compute-optimal loss over the reference family's at each C ({} without a fitted reference)."""
+    fitted = {f.family: f for f in fits if not f.skipped}
+    if reference not in fitted:
+        return {}
+    ref = frontier(fitted[reference].params, c)[2]
+    return {fam: frontier(f.params, c)[2] / ref for fam, f in fitted.items() if fam != reference}
 
 
 def _colors(families: list[str]) -> dict[str, Any]:
@@ -336,8 +353,30 @@ def plot_isoflop(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, 
     fig.savefig(path, dpi=120)
 
 
+def plot_ratio(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, metric: str, reference: str) -> None:
+    """Each family's fitted compute-optimal loss over the reference family's, against C (dashed beyond the data)."""
+    from matplotlib.figure import Figure
+
+    c_obs = np.array([6 * r["N"] * r["D"] for r in rows])
+    c_in = np.geomspace(c_obs.min(), c_obs.max(), 100)
+    c_out = np.geomspace(c_obs.max(), c_obs.max() * 100, 50)
+    colors = _colors(list(_by_family(rows)))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    inside, beyond = frontier_ratios(fits, c_in, reference), frontier_ratios(fits, c_out, reference)
+    for fam in inside:
+        ax.plot(c_in, inside[fam], color=colors[fam], label=fam)
+        ax.plot(c_out, beyond[fam], color=colors[fam], linestyle="--")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel=f"{metric} / {reference}'s",
+           title=f"compute-optimal loss relative to the {reference} (dashed: extrapolated)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: int = 0,
-            n_column: str = "N") -> dict[str, Any]:
+            n_column: str = "N", reference: str = "transformer") -> dict[str, Any]:
     """Fit every family of a collected CSV (N read from ``n_column``); print the report, write fit.json and the
     PNG plots."""
     try:
@@ -356,7 +395,7 @@ def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: i
         raise ScalingError(f"{csv_path}: no row with a positive, finite N, D and loss")
     fits = fit_rows(rows, boots, seed)
     print(f"{csv_path}: {len(rows)} rows, metric {names[0]}, N = {n_column}")
-    print(format_report(fits, rows))
+    print(format_report(fits, rows, reference))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [out_dir / "loss_vs_compute.png"]
@@ -364,21 +403,26 @@ def fit_csv(csv_path: str | Path, out_dir: str | Path, boots: int = 200, seed: i
     if any(not f.skipped for f in fits):
         plots.append(out_dir / "isoflop.png")
         plot_isoflop(fits, rows, plots[1], names[0])
+    if frontier_ratios(fits, compute_grid(np.array([6 * r["N"] * r["D"] for r in rows])), reference):
+        plots.append(out_dir / f"ratio_to_{reference}.png")
+        plot_ratio(fits, rows, plots[-1], names[0], reference)
     else:
         print("no family could be fitted: no iso-FLOP plot")
-    result = {"csv": str(csv_path), "metric": names[0], "N": n_column, "families": {f.family: _fit_json(f, rows) for f in fits},
-              "plots": [str(p) for p in plots]}
+    result = {"csv": str(csv_path), "metric": names[0], "N": n_column, "reference": reference,
+              "families": {f.family: _fit_json(f, rows, fits, reference) for f in fits}, "plots": [str(p) for p in plots]}
     (out_dir / "fit.json").write_text(json.dumps(result, indent=1))
     print("wrote " + ", ".join(str(p) for p in [out_dir / "fit.json", *plots]))
     return result
 
 
-def _fit_json(f: FamilyFit, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _fit_json(f: FamilyFit, rows: list[dict[str, Any]], fits: list[FamilyFit], reference: str) -> dict[str, Any]:
     if f.skipped:
         return {"points": f.points, "skipped": f.skipped}
     grid = compute_grid(np.array([6 * r["N"] * r["D"] for r in rows]))
     n, d, loss = frontier(f.params, grid)
+    ratio = frontier_ratios(fits, grid, reference).get(f.family)
     return {"points": f.points, "params": f.params, "std": f.std, "bootstrap_fits": f.boots,
-            "at_bounds": f.at_bounds, "a": f.a, "b": 1 - f.a,
-            "frontier": [{"C": float(c), "N_opt": float(nn), "D_opt": float(dd), "loss": float(ll)}
-                         for c, nn, dd, ll in zip(grid, n, d, loss)]}
+            "at_bounds": f.at_bounds, "rms_log_residual": f.rms_log_residual, "a": f.a, "b": 1 - f.a,
+            "frontier": [{"C": float(c), "N_opt": float(nn), "D_opt": float(dd), "loss": float(ll),
+                          **({f"loss_over_{reference}": float(ratio[i])} if ratio is not None else {})}
+                         for i, (c, nn, dd, ll) in enumerate(zip(grid, n, d, loss))]}
