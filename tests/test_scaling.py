@@ -12,7 +12,7 @@ import pytest
 
 from psm_train.cli import main
 from psm_train.analysis.scaling import (FamilyFit, ScalingError, fit_family, frontier, frontier_ratios, predict,
-                                        write_csv)
+                                        within_data, write_csv)
 from psm_train.launch.collect import collect, default_metric
 from psm_train.launch.sweep import load_sweep
 
@@ -54,6 +54,9 @@ def test_fit_quality_and_frontier_ratio_to_a_reference():
     assert list(ratios) == ["psm"]  # the reference and unfitted families have none
     assert np.allclose(ratios["psm"], frontier(worse, c)[2] / frontier(TRUE, c)[2]) and (ratios["psm"] > 1).all()
     assert frontier_ratios(fits, c, "mamba2") == {}
+    n_opt, d_opt, _ = frontier(TRUE, c)
+    rows = [{"family": "transformer", "N": n, "D": d} for n, d in ((n_opt[0] / 2, d_opt[0]), (n_opt[0] * 2, d_opt[0] * 2))]
+    assert within_data(fits[0], rows, c).tolist() == [True, False]  # the second C's optimum lies beyond the points
 
 
 def test_too_few_points_say_what_is_missing():

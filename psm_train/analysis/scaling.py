@@ -208,6 +208,16 @@ def frontier(p: dict[str, float], c: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return n, d, predict(p, n, d)
 
 
+def within_data(f: FamilyFit, rows: list[dict[str, Any]], c: np.ndarray) -> np.ndarray:
+    """Per C: whether the family's compute-optimal (N, D) lies inside the N and D its points span (else the
+    frontier there is an extrapolation of the fit)."""
+    n_obs = [r["N"] for r in rows if r["family"] == f.family]
+    d_obs = [r["D"] for r in rows if r["family"] == f.family]
+    n, d, _ = frontier(f.params, c)
+    tol = 1 + 1e-9
+    return ((n * tol >= min(n_obs)) & (n <= max(n_obs) * tol) & (d * tol >= min(d_obs)) & (d <= max(d_obs) * tol))
+
+
 def compute_grid(c: np.ndarray) -> np.ndarray:
     """One C per decade from the smallest observed to a hundred times the largest."""
     lo, hi = math.floor(math.log10(c.min())), math.ceil(math.log10(c.max())) + 2
@@ -267,15 +277,21 @@ def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]], reference: 
         if f.skipped:
             continue
         n, d, loss = frontier(f.params, grid)
-        lines += ["", f"compute-optimal frontier, {f.family} ({f.boots} bootstrap fits):",
-                  f"{'C':>10} {'N_opt':>10} {'D_opt':>10} {'D/N':>8} {'loss':>8}"]
-        lines += [f"{c:>10.2e} {nn:>10.3g} {dd:>10.3g} {dd / nn:>8.3g} {ll:>8.4f}"
-                  for c, nn, dd, ll in zip(grid, n, d, loss)]
+        inside = within_data(f, rows, grid)
+        lines += ["", f"compute-optimal frontier, {f.family} ({f.boots} bootstrap fits; in data: N_opt and D_opt "
+                      "within the N and D of its points):",
+                  f"{'C':>10} {'N_opt':>10} {'D_opt':>10} {'D/N':>8} {'loss':>8} {'in data':>8}"]
+        lines += [f"{c:>10.2e} {nn:>10.3g} {dd:>10.3g} {dd / nn:>8.3g} {ll:>8.4f} {'yes' if ok else 'no':>8}"
+                  for c, nn, dd, ll, ok in zip(grid, n, d, loss, inside)]
     ratios = frontier_ratios(fits, grid, reference)
     if ratios:
-        lines += ["", f"frontier loss over {reference}'s at equal compute:",
+        fitted = {f.family: f for f in fits if not f.skipped}
+        ref_inside = within_data(fitted[reference], rows, grid)
+        marks = {fam: ~(within_data(fitted[fam], rows, grid) & ref_inside) for fam in ratios}
+        lines += ["", f"frontier loss over {reference}'s at equal compute (*: either frontier outside its data):",
                   f"{'C':>10} " + " ".join(f"{fam:>16}" for fam in ratios)]
-        lines += [f"{c:>10.2e} " + " ".join(f"{ratios[fam][i]:>16.4f}" for fam in ratios) for i, c in enumerate(grid)]
+        lines += [f"{c:>10.2e} " + " ".join(f"{ratios[fam][i]:>15.4f}{'*' if marks[fam][i] else ' '}" for fam in ratios)
+                  for i, c in enumerate(grid)]
     return "\n".join(lines)
 
 
@@ -311,10 +327,13 @@ def plot_loss_vs_compute(fits: list[FamilyFit], rows: list[dict[str, Any]], path
                    label=family if family not in fitted else None, s=25)
         if family in fitted:
             f = fitted[family]
-            ax.plot(c_line, frontier(f.params, c_line)[2], color=colors[family],
+            loss, inside = frontier(f.params, c_line)[2], within_data(f, rows, c_line)
+            ax.plot(c_line, np.where(inside, loss, np.nan), color=colors[family],
                     label=f"{family}: E={f.params['E']:.3g}, α={f.params['alpha']:.2f}, β={f.params['beta']:.2f}")
+            ax.plot(c_line, np.where(inside, np.nan, loss), color=colors[family], linestyle="--")
     ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel=metric,
-           title="loss vs compute; lines: fitted loss on the compute-optimal frontier")
+           title="loss vs compute; lines: fitted loss on the compute-optimal frontier\n"
+                 "(dashed where its N_opt or D_opt lies outside the family's points)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -354,22 +373,24 @@ def plot_isoflop(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, 
 
 
 def plot_ratio(fits: list[FamilyFit], rows: list[dict[str, Any]], path: Path, metric: str, reference: str) -> None:
-    """Each family's fitted compute-optimal loss over the reference family's, against C (dashed beyond the data)."""
+    """Each family's fitted compute-optimal loss over the reference family's, against C: solid where both
+    frontiers lie within their families' data, dashed where either is an extrapolation."""
     from matplotlib.figure import Figure
 
     c_obs = np.array([6 * r["N"] * r["D"] for r in rows])
-    c_in = np.geomspace(c_obs.min(), c_obs.max(), 100)
-    c_out = np.geomspace(c_obs.max(), c_obs.max() * 100, 50)
+    c = np.geomspace(c_obs.min(), c_obs.max() * 100, 200)
     colors = _colors(list(_by_family(rows)))
+    fitted = {f.family: f for f in fits if not f.skipped}
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    inside, beyond = frontier_ratios(fits, c_in, reference), frontier_ratios(fits, c_out, reference)
-    for fam in inside:
-        ax.plot(c_in, inside[fam], color=colors[fam], label=fam)
-        ax.plot(c_out, beyond[fam], color=colors[fam], linestyle="--")
+    ref_inside = within_data(fitted[reference], rows, c)
+    for fam, ratio in frontier_ratios(fits, c, reference).items():
+        inside = within_data(fitted[fam], rows, c) & ref_inside
+        ax.plot(c, np.where(inside, ratio, np.nan), color=colors[fam], label=fam)
+        ax.plot(c, np.where(inside, np.nan, ratio), color=colors[fam], linestyle="--")
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel=f"{metric} / {reference}'s",
-           title=f"compute-optimal loss relative to the {reference} (dashed: extrapolated)")
+           title=f"compute-optimal loss relative to the {reference}\n(dashed: a frontier outside its family's data)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -421,8 +442,10 @@ def _fit_json(f: FamilyFit, rows: list[dict[str, Any]], fits: list[FamilyFit], r
     grid = compute_grid(np.array([6 * r["N"] * r["D"] for r in rows]))
     n, d, loss = frontier(f.params, grid)
     ratio = frontier_ratios(fits, grid, reference).get(f.family)
+    inside = within_data(f, rows, grid)
     return {"points": f.points, "params": f.params, "std": f.std, "bootstrap_fits": f.boots,
             "at_bounds": f.at_bounds, "rms_log_residual": f.rms_log_residual, "a": f.a, "b": 1 - f.a,
             "frontier": [{"C": float(c), "N_opt": float(nn), "D_opt": float(dd), "loss": float(ll),
+                          "within_data": bool(inside[i]),
                           **({f"loss_over_{reference}": float(ratio[i])} if ratio is not None else {})}
                          for i, (c, nn, dd, ll) in enumerate(zip(grid, n, d, loss))]}
