@@ -273,3 +273,20 @@ def test_activation_memory_counts_what_checkpointing_keeps():
     per_token = [r["saved_kib_per_token"] for r in rows]
     assert per_token[0] > per_token[1] > per_token[2] > 0  # all blocks, every other one recomputed, all recomputed
     assert all(r["parameters"] == rows[0]["parameters"] for r in rows)
+
+
+def test_mqar_distance_table_from_eval_json(tmp_path):
+    """Runs whose eval.json scores acc_by_distance get a row each: placement, filler, overall and per distance."""
+    out = tmp_path / "mqar_distance"
+    res = {"acc": 0.5, "acc_by_distance": {"same": 0.9, "1": 0.6, ">=2": None},
+           "scored_by_distance": {"same": 10, "1": 30, ">=2": 0}}
+    for name, placement in (("psm,query_placement=uniform", "uniform"), ("psm,query_placement=power_law", "power_law")):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(json.dumps(
+            {"train": {"steps": 5}, "data": {"seq_len": 128, "query_placement": placement, "filler": "random",
+                                              "distance_chunk": 16}}))
+        (out / name / "eval.json").write_text(json.dumps({"128": res}))
+    table = run_tool("plot_results.py", "--runs", str(out), "--out-dir", str(tmp_path / "plots")).stdout
+    assert "chunks of 16 tokens" in table
+    assert "| psm,query_placement=uniform | uniform | random | 0.500 | 0.900 (10) | 0.600 (30) | – |" in table
+    assert (tmp_path / "plots" / "results_mqar_distance.png").is_file()

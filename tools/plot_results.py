@@ -5,7 +5,8 @@ results sweeps in configs/sweeps/results_*.yaml) and the JSON of tools/bench_gen
 
 Writes results_s5.png (accuracy against position at the longest S5 eval length, mean and range
 over seeds; runs of a smaller symmetric group, data.degree < 5, get their group's name and chance
-line), results_mqar.png (query accuracy against training length), results_lm.png
+line), results_mqar.png (query accuracy against training length), results_mqar_distance.png (MQAR
+accuracy by the chunk distance between query and key, for runs whose eval.json scores it), results_lm.png
 (validation perplexity and training loss against step) and results_generation.png (ms per token
 and state memory against context length), for whichever of those the inputs hold, and prints
 the markdown tables. ``--tag _long`` writes results_s5_long.png etc. instead; ``--log-acc`` draws
@@ -300,6 +301,44 @@ def mqar(experiments: list[tuple[str, dict]], png: Path) -> None:
     print(f"\nwrote {png}")
 
 
+DISTANCE_LABELS = {"same": "same chunk", "1": "1 chunk back", ">=2": "≥ 2 chunks back"}
+
+
+def mqar_distance(runs: dict, png: Path) -> None:
+    """Per run with acc_by_distance in its eval.json (MQAR): accuracy overall and by the chunk distance between
+    each query and its key, at the training length; a grouped bar chart."""
+    rows = []
+    for name, run in sorted(runs.items()):
+        data = run["config"].get("data", {})
+        length = str(data.get("seq_len", ""))
+        res = (run["eval"] or {}).get(length, {})
+        if "acc_by_distance" in res:
+            rows.append((name, data, res))
+    if not rows:
+        return
+    chunk = {d.get("distance_chunk") for _, d, _ in rows}
+    print(f"\n### MQAR: query accuracy by chunk distance to the key (chunks of {', '.join(map(str, chunk))} tokens)\n")
+    print("| run | placement | filler | accuracy | " + " | ".join(DISTANCE_LABELS.values()) + " |")
+    print("|---|---|---|---|" + "---|" * len(DISTANCE_LABELS))
+    for name, data, res in rows:
+        cells = [f"{a:.3f} ({res['scored_by_distance'][k]})" if (a := res["acc_by_distance"][k]) is not None else "–"
+                 for k in DISTANCE_LABELS]
+        print(f"| {name} | {data.get('query_placement', 'power_law')} | {data.get('filler', 'zero')} | {res['acc']:.3f} | "
+              + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows)), 4))
+    width = 0.8 / len(DISTANCE_LABELS)
+    for j, (key, label) in enumerate(DISTANCE_LABELS.items()):
+        ax.bar([i + (j - 1) * width for i in range(len(rows))],
+               [res["acc_by_distance"][key] or 0.0 for _, _, res in rows], width, label=label, color=f"C{j}")
+    ax.set_xticks(range(len(rows)), [name.replace(",", "\n") for name, _, _ in rows], fontsize=7)
+    ax.set(ylabel="query accuracy", ylim=(0, 1.02), title="MQAR accuracy by the distance from query to key")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"\nwrote {png}")
+
+
 def lm(runs: dict, png: Path) -> None:
     chosen = {}
     for name, run in runs.items():
@@ -394,9 +433,11 @@ def main() -> None:
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     experiments = [(d.name, load_runs([d])) for d in args.runs]
-    png = {kind: args.out_dir / f"results_{kind}{args.tag}.png" for kind in ("s5", "mqar", "lm", "generation")}
+    png = {kind: args.out_dir / f"results_{kind}{args.tag}.png"
+           for kind in ("s5", "mqar", "mqar_distance", "lm", "generation")}
     s5(experiments, png["s5"], args.log_acc)
     mqar(experiments, png["mqar"])
+    mqar_distance({name: run for _, runs in experiments for name, run in runs.items()}, png["mqar_distance"])
     lm({name: run for _, runs in experiments for name, run in runs.items()}, png["lm"])
     if args.generation:
         generation(args.generation, png["generation"])

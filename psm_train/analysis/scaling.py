@@ -256,7 +256,8 @@ def _pm(value: float, std: float | None, fmt: str = ".3f") -> str:
 
 
 def format_report(fits: list[FamilyFit], rows: list[dict[str, Any]], reference: str = "transformer") -> str:
-    """The parameter table across families, then each fitted family's compute-optimal frontier."""
+    """The parameter table across families, each fitted family's compute-optimal frontier, and the others'
+    frontier loss over the reference family's."""
     width = max(len("family"), *(len(f.family) for f in fits))
     lines = ["L(N, D) = E + A/N^alpha + B/D^beta; ± is the bootstrap std (robust); N_opt ∝ C^a; "
              "rms: root-mean-square log residual of the fit",
