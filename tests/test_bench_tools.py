@@ -275,6 +275,14 @@ def test_activation_memory_counts_what_checkpointing_keeps():
     assert all(r["parameters"] == rows[0]["parameters"] for r in rows)
 
 
+def test_activation_memory_writes_its_table_and_json(tmp_path):
+    out = tmp_path / "activation_memory.json"
+    done = run_tool("activation_memory.py", "--only", "transformer", "--seq-len", "8", "--out", str(out))
+    assert "x transformer" in done.stdout and "1.00" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["rows"]["transformer"]["saved_kib_per_token"] > 0 and "--seq-len 8" in result["command"]
+
+
 def test_mqar_distance_table_from_eval_json(tmp_path):
     """Runs whose eval.json scores acc_by_distance get a row each: placement, filler, overall and per distance."""
     out = tmp_path / "mqar_distance"

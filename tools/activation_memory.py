@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.batches[0] < args.batches[1]:
         ap.error(f"--batches: expected B0 < B1, got {args.batches}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     names = args.only or list(CONFIGS)
     rows = {}
     for name in names:
