@@ -2,7 +2,10 @@
 
 Each finished member's ``summary.json`` (written by the trainer next to ``final.pt``) gives one row:
 member, family, N (unique parameters including embeddings), N_non_embedding, D (training tokens),
-C = 6ND, the chosen loss, the metric's name and the swept values. A decay branch is a member like any
+C = 6ND, the chosen loss, the metric's name and the swept values; C_model, the model's own training
+FLOPs (``flops_per_token`` of psm_train/train/flops.py, as the trainer's MFU counts them, times D) where
+the summary records them. 6ND counts parameters only: Transformer-PSM's Inf over 2c windows and its
+Agg calls, and attention over the sequence, are in C_model. A decay branch is a member like any
 other: its summary counts the tokens of the whole run (the stable part included), so each branch is
 its own (N, D) point; its row also names the member it branched from and the step.
 """
@@ -87,7 +90,9 @@ def _row(member: Member, summary: dict[str, Any], metric: str, where: Path) -> d
     branch = {"branch_of": member.parent, "branch_step": member.branch_step} if member.parent else {}
     return {"member": member.slug, "family": summary["model"], "N": n, "D": d, "C": 6.0 * n * d,
             "loss": float(found[metric]), "metric": metric,
-            "N_non_embedding": summary.get("n_params_non_embedding", ""), **branch, **flat_values(member.values)}
+            "N_non_embedding": summary.get("n_params_non_embedding", ""),
+            "C_model": summary["flops_per_token"] * d if "flops_per_token" in summary else "",
+            **branch, **flat_values(member.values)}
 
 
 def collect(sweep_path: str | Path, metric: str | None = None) -> Collected:

@@ -15,6 +15,7 @@ from psm_train.config import ConfigError, load_config
 from psm_train.launch.collect import collect
 from psm_train.launch.local import run_local
 from psm_train.launch.sweep import LocalOptions, load_sweep, member_status
+from psm_train.train.flops import train_flops_per_token
 from psm_train.train.optim import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +116,9 @@ def test_decay_branches_resume_from_the_stable_runs_checkpoint(tmp_path):
     assert [rows[m.slug]["D"] for m in sweep.members] == [12 * 256, 6 * 256, 10 * 256]
     assert rows[long.slug]["branch_of"] == stable.slug and rows[long.slug]["branch_step"] == 8
     assert rows[long.slug]["branch.steps"] == 10 and "branch_of" not in rows[stable.slug]
+    # the model's own FLOPs (as the trainer's MFU counts them) beside 6ND
+    fpt = train_flops_per_token(stable.cfg.model.name, stable.cfg.model.config, 64, 32)
+    assert rows[long.slug]["C_model"] == pytest.approx(fpt * 10 * 256)
 
 
 @pytest.mark.parametrize("body, message", [

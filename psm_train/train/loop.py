@@ -228,7 +228,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         run.store.close()
         weights = engine.full_state_dict()
         if proc.main:
-            run.finish(weights, final_eval, {**counts, "tokens": tokens, "train_loss": last_loss,
+            flops = {"flops_per_token": progress.flops_per_token} if progress and progress.flops_per_token else {}
+            run.finish(weights, final_eval, {**counts, "tokens": tokens, **flops, "train_loss": last_loss,
                                              "eval": eval_summary(final_eval)}, source.vocab_size, version)
             show(f"done in {progress.elapsed() if progress else 0:.0f}s; checkpoint {run.path / 'final.pt'}", final=True)
             logger.close()
