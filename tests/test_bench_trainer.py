@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from psm_train.cli import main
 from psm_train.config import load_config
 from psm_train.train.flops import train_flops_per_token
+from tests.test_data_train import build_tiny_shards
 
 ROOT = Path(__file__).parent.parent
 TOOL = ROOT / "tools" / "bench_trainer.py"
@@ -23,14 +22,7 @@ TOOL = ROOT / "tools" / "bench_trainer.py"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench_trainer")
-    rng = np.random.default_rng(0)
-    words = "the cat sat on a mat and the dog ran to it".split()
-    for i in range(8):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
-    main(["data", "build", "--input", str(root / "doc*.txt"), "--vocab-size", "300", "--seq-len", "32",
-          "--shard-samples", "32", "--val-fraction", "0.3", "--workers", "1", "--quiet", "--out", str(root / "shards")])
-    return root / "shards"
+    return build_tiny_shards(tmp_path_factory.mktemp("bench_trainer"))
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:

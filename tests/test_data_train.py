@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -11,13 +12,19 @@ import yaml
 from psm_train.cli import main
 
 
-def test_build_then_train_reports_validation_perplexity(tmp_path, capsys):
+def build_tiny_shards(root: Path) -> Path:
+    """8 documents of random words, a 300-token BPE, 32-token samples, 30% held out: root/shards."""
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat and the dog ran to it".split()
     for i in range(8):
-        (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
-    main(["data", "build", "--input", str(tmp_path / "doc*.txt"), "--vocab-size", "300", "--seq-len", "32",
-          "--shard-samples", "32", "--val-fraction", "0.3", "--workers", "1", "--quiet", "--out", str(tmp_path / "shards")])
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    main(["data", "build", "--input", str(root / "doc*.txt"), "--vocab-size", "300", "--seq-len", "32",
+          "--shard-samples", "32", "--val-fraction", "0.3", "--workers", "1", "--quiet", "--out", str(root / "shards")])
+    return root / "shards"
+
+
+def test_build_then_train_reports_validation_perplexity(tmp_path, capsys):
+    build_tiny_shards(tmp_path)
     config = {
         "name": "lm_tiny",
         "model": {"name": "transformer_psm", "d_model": 32, "n_heads": 2, "chunk_size": 8, "agg_layers": 1, "inf_layers": 1},
